@@ -1,0 +1,229 @@
+"""Closed-form change in free energy (ΔF) of a reduced Gaussian prior.
+
+For one element with full prior :math:`p(w) = \\mathcal N(m, s^2)`, fitted
+posterior :math:`q(w) = \\mathcal N(\\mu, \\sigma^2)` and reduced prior
+:math:`\\tilde p(w) = \\mathcal N(\\tilde m, \\tilde s^2)`, Bayesian model
+reduction gives, with precisions :math:`\\pi = \\sigma^{-2}`,
+:math:`\\pi_0 = s^{-2}`, :math:`\\tilde\\pi_0 = \\tilde s^{-2}`,
+
+.. math::
+
+    \\tilde\\pi &= \\pi + \\tilde\\pi_0 - \\pi_0, \\qquad
+    \\tilde\\mu = (\\pi\\mu + \\tilde\\pi_0\\tilde m - \\pi_0 m) / \\tilde\\pi,\\\\
+    \\Delta F &= \\ln \\int q(w)\\,\\frac{\\tilde p(w)}{p(w)}\\,dw
+      = \\tfrac12 \\ln\\frac{\\pi\\tilde\\pi_0}{\\tilde\\pi\\pi_0}
+      - \\tfrac12\\bigl(\\pi\\mu^2 + \\tilde\\pi_0\\tilde m^2 - \\pi_0 m^2
+      - \\tilde\\pi\\tilde\\mu^2\\bigr).
+
+Expanding the square and dividing through by :math:`\\pi` gives the form that is
+evaluated here, which never forms a precision and so cannot overflow where the
+scales are tiny:
+
+.. math::
+
+    \\kappa &= \\tilde\\pi / \\pi = 1 + \\sigma^2/\\tilde s^2 - \\sigma^2/s^2,\\\\
+    \\Delta F &= \\ln\\frac{s}{\\tilde s} - \\tfrac12\\ln\\kappa
+      - \\frac{1}{2\\kappa}\\Bigl[\\frac{(\\mu-\\tilde m)^2}{\\tilde s^2}
+      - \\frac{(\\mu-m)^2}{s^2}
+      - \\frac{\\sigma^2(\\tilde m-m)^2}{\\tilde s^2 s^2}\\Bigr].
+
+Multiplying :math:`\\kappa` and the bracket by :math:`\\tilde s^2/g^2`, with
+:math:`g = \\max(\\sigma, \\tilde s)`, makes every ratio at most one in size and
+turns the point-mass limit :math:`\\tilde s = 0` into an exact case rather than a
+limit: there :math:`\\Delta F = \\ln q(\\tilde m) - \\ln p(\\tilde m)`, the
+Savage–Dickey density ratio, e.g. :math:`\\ln(s/\\sigma) - \\mu^2/2\\sigma^2 + m^2/2s^2`
+at :math:`\\tilde m = 0`.
+
+The direct evaluation is accurate to a few ulps of its terms; where it overflows
+or underflows (huge means, scales far apart) the few affected elements are
+evaluated again in the log domain, so the result is never NaN and is infinite
+only where the true value lies outside the dtype's range.
+"""
+
+import functools
+from typing import NamedTuple, Union
+
+import torch
+
+Number = Union[float, torch.Tensor]
+
+__all__ = ["DeltaF", "delta_f"]
+
+
+class DeltaF(NamedTuple):
+    """Result of :func:`delta_f`.
+
+    :ivar torch.Tensor delta_f: log evidence of the reduced model minus that of the
+        full model; positive where the reduced model is better.
+    :ivar torch.Tensor loc: mean :math:`\\tilde\\mu` of the reduced posterior.
+    :ivar torch.Tensor scale: standard deviation of the reduced posterior (zero
+        under a point-mass reduced prior).
+    """
+
+    delta_f: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+
+def delta_f(
+    loc: Number,
+    scale: Number,
+    prior_loc: Number,
+    prior_scale: Number,
+    reduced_loc: Number = 0.0,
+    reduced_scale: Number = 0.0,
+    *,
+    validate: bool = True,
+) -> DeltaF:
+    """Score reduced Gaussian priors against a fitted Gaussian posterior.
+
+    Elementwise with broadcasting, on the device and dtype of the tensor inputs
+    (Python numbers take the dtype of the tensors; all numbers give the default
+    dtype). See the module docstring for the formulas.
+
+    :param loc: posterior mean :math:`\\mu`.
+    :param scale: posterior standard deviation :math:`\\sigma > 0`.
+    :param prior_loc: full prior mean :math:`m`.
+    :param prior_scale: full prior standard deviation :math:`s > 0`.
+    :param reduced_loc: reduced prior mean :math:`\\tilde m` (default 0).
+    :param reduced_scale: reduced prior standard deviation :math:`\\tilde s \\ge 0`;
+        0 (the default) is the point mass at ``reduced_loc``, handled exactly.
+    :param bool validate: check that the scales are positive and finite and that
+        the reduced posterior precision :math:`\\tilde\\pi` is positive, raising
+        :class:`ValueError` otherwise. This costs one host synchronisation.
+    :returns: ``DeltaF(delta_f, loc, scale)``: ΔF and the reduced posterior.
+    :rtype: DeltaF
+    """
+    mu, sigma, m, s, m_red, s_red = _as_tensors(
+        loc, scale, prior_loc, prior_scale, reduced_loc, reduced_scale
+    )
+    if validate:
+        _validate_scales(sigma, s, s_red)
+    result, post_loc, post_scale, kappa, unsafe = _direct(mu, sigma, m, s, m_red, s_red)
+    if validate and not bool((kappa > 0).all()):
+        raise ValueError(
+            "delta_f: the reduced prior is too wide for the posterior: the reduced "
+            f"posterior precision is not positive at {int((kappa <= 0).sum())} element(s); "
+            "a reduced prior wider than the full prior needs σ² (1/s² − 1/s̃²) < 1"
+        )
+    if bool(unsafe.any()):
+        result, post_loc, post_scale = _repair(
+            (result, post_loc, post_scale), unsafe, (mu, sigma, m, s, m_red, s_red)
+        )
+    return DeltaF(result, post_loc, post_scale)
+
+
+def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
+    """The direct evaluation: ``(ΔF, loc, scale, κ·s̃²/g², unsafe)``, where ``unsafe``
+    marks the elements to evaluate again in the log domain (loc and scale are
+    ``None`` unless ``posterior``)."""
+    g = torch.maximum(sigma, s_red)
+    a = sigma / g  # one of a, b is exactly 1
+    b = s_red / g
+    t = s_red / s
+    w = (1 - t) * (1 + t)  # 1 − s̃²/s², accurate near t = 1
+    kappa = b * b + a * a * w
+    d_red = (mu - m_red) / g
+    d_full = (mu - m) / s * b
+    d_priors = a * (m_red - m) / s
+    quad = (d_red * d_red - d_full * d_full - d_priors * d_priors) / kappa
+    result = torch.log(s) - torch.log(g) - 0.5 * torch.log(kappa) - 0.5 * quad
+    finite = torch.isfinite(result)
+    post_loc = post_scale = None
+    if posterior:
+        post_loc = (b * b * mu + a * a * m_red - (a * t) ** 2 * m) / kappa
+        post_scale = sigma * b / torch.sqrt(kappa)
+        finite = finite & torch.isfinite(post_loc) & torch.isfinite(post_scale)
+    unsafe = ~finite | (kappa < torch.finfo(result.dtype).tiny)
+    return result, post_loc, post_scale, kappa, unsafe
+
+
+def _repair(values: tuple, unsafe: torch.Tensor, inputs: tuple) -> tuple:
+    """Replace the ``unsafe`` elements of ``values`` by the log-domain evaluation."""
+    shape = unsafe.shape
+    args = [x.expand(shape)[unsafe] for x in inputs]
+    safe = _log_domain(*args)
+    return tuple(
+        None if x is None else x.expand(shape).clone().masked_scatter_(unsafe, y)
+        for x, y in zip(values, safe)
+    )
+
+
+def _as_tensors(*values: Number) -> tuple:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors:
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        if not dtype.is_floating_point:
+            dtype = torch.get_default_dtype()
+        device = tensors[0].device
+    else:
+        dtype, device = torch.get_default_dtype(), torch.device("cpu")
+    out = [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
+    return tuple(out)
+
+
+def _validate_scales(sigma: torch.Tensor, s: torch.Tensor, s_red: torch.Tensor) -> None:
+    for name, x, strict in (("scale", sigma, True), ("prior_scale", s, True), ("reduced_scale", s_red, False)):
+        ok = torch.isfinite(x) & ((x > 0) if strict else (x >= 0))
+        if not bool(ok.all()):
+            bad = x[~ok].flatten()[0].item()
+            need = "positive" if strict else "non-negative"
+            raise ValueError(f"delta_f: {name} must be finite and {need}, got {bad}")
+
+
+def _log_abs_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ln|x − y| without overflow in the subtraction."""
+    big = torch.maximum(x.abs(), y.abs())
+    safe_big = torch.where(big > 0, big, torch.ones_like(big))
+    return torch.log(big) + torch.log((x / safe_big - y / safe_big).abs())
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """ln(1 − eˣ) for x ≤ 0 (Mächler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _signed_exp_diff(lx: torch.Tensor, ly: torch.Tensor) -> tuple:
+    """Sign and log magnitude of eˡˣ − eˡʸ, exact zero where lx == ly."""
+    hi = torch.maximum(lx, ly)
+    gap = (lx - ly).abs()
+    equal = (lx == ly) | (torch.isinf(lx) & torch.isinf(ly) & (lx < 0) & (ly < 0))
+    gap = torch.where(equal, torch.ones_like(gap), gap)
+    log_mag = torch.where(equal, torch.full_like(hi, -float("inf")), hi + _log1mexp(-gap))
+    sign = torch.where(equal, torch.zeros_like(hi), torch.sign(lx - torch.where(equal, lx, ly)))
+    return sign, log_mag
+
+
+def _log_domain(mu, sigma, m, s, m_red, s_red) -> tuple:
+    """The same quantities as :func:`delta_f`, computed from logarithms of every
+    factor, for the elements where the direct evaluation left the dtype's range."""
+    log_sigma, log_s = torch.log(sigma), torch.log(s)
+    log_s_red = torch.log(s_red)  # -inf for the point mass
+    log_g = torch.maximum(log_sigma, log_s_red)
+    la, lb = log_sigma - log_g, log_s_red - log_g
+    lt = log_s_red - log_s
+    # ln w with w = 1 − t², and ln κ = ln(b² + a² w)
+    t = torch.exp(lt)
+    w = (1 - t) * (1 + t)
+    log_abs_w = torch.where(t < 0.5, torch.log1p(-t * t), torch.log((1 - t).abs()) + torch.log1p(t))
+    log_kappa_pos = torch.logaddexp(2 * lb, 2 * la + log_abs_w)
+    log_kappa_neg = 2 * lb + _log1mexp(torch.clamp(2 * la + log_abs_w - 2 * lb, max=0.0))
+    log_kappa = torch.where(w >= 0, log_kappa_pos, log_kappa_neg)
+
+    l_red = 2 * (_log_abs_diff(mu, m_red) - log_g)
+    l_full = 2 * (_log_abs_diff(mu, m) - log_s + lb)
+    l_priors = 2 * (la + _log_abs_diff(m_red, m) - log_s)
+    sign, log_num = _signed_exp_diff(l_red, torch.logaddexp(l_full, l_priors))
+    half_quad = sign * torch.exp(log_num - log_kappa - 0.6931471805599453)
+    result = (log_s - log_g - 0.5 * log_kappa) - half_quad
+
+    # reduced posterior: loc = (b² μ + a² m̃ − (a t)² m) / κ, scale = σ b / √κ
+    terms = torch.stack([mu, m_red, m])
+    big = terms.abs().amax(0)
+    big = torch.where(big > 0, big, torch.ones_like(big))
+    coef_mu = torch.exp(2 * lb - log_kappa)
+    coef_red = torch.exp(2 * la - log_kappa)
+    coef_full = torch.exp(2 * (la + lt) - log_kappa)
+    post_loc = big * (coef_mu * (mu / big) + coef_red * (m_red / big) - coef_full * (m / big))
+    post_scale = torch.exp(log_sigma + lb - 0.5 * log_kappa)
+    return result, post_loc, post_scale

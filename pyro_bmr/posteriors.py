@@ -1,0 +1,206 @@
+"""Where a guide keeps its mean-field Gaussian posterior.
+
+BMR needs, for every latent site, the fitted :math:`q(w) = \\mathcal N(\\mu, \\sigma^2)`
+and the names of the guide's own sample sites that draw it, so that pruned
+elements can be pinned to zero there too. A :class:`MeanFieldPosterior` answers
+both for one kind of guide; :func:`mean_field_posterior` picks the right one and
+:func:`register_posterior` adds support for a custom guide.
+"""
+
+from abc import ABC, abstractmethod
+from operator import attrgetter
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+import torch
+from pyro.distributions import constraints
+from pyro.infer import autoguide
+from torch.distributions import biject_to
+
+__all__ = [
+    "MeanFieldPosterior",
+    "AutoNormalPosterior",
+    "AutoDiagonalNormalPosterior",
+    "mean_field_posterior",
+    "register_posterior",
+]
+
+_REGISTRY: List[Tuple[Type, Type["MeanFieldPosterior"]]] = []
+_NOT_MEAN_FIELD = (
+    autoguide.AutoDelta,
+    autoguide.AutoMultivariateNormal,
+    autoguide.AutoLowRankMultivariateNormal,
+)
+
+
+class MeanFieldPosterior(ABC):
+    """Reads and writes the mean-field Gaussian posterior held by a guide.
+
+    :param guide: the guide, already run once (or prepared by :meth:`prepare`).
+    """
+
+    def __init__(self, guide: Callable) -> None:
+        self.guide = guide
+
+    @property
+    def model(self) -> Callable:
+        """The model the guide approximates."""
+        return self.guide.model
+
+    def prepare(self, *args, **kwargs) -> None:
+        """Create the guide's parameters if it has never been run."""
+        if getattr(self.guide, "prototype_trace", None) is None:
+            self.guide._setup_prototype(*args, **kwargs)
+
+    @abstractmethod
+    def sites(self) -> Dict[str, Optional[str]]:
+        """Model sites the guide covers: ``None`` where a Gaussian posterior on the
+        real line can be read, else the reason it cannot."""
+
+    @abstractmethod
+    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The posterior mean and standard deviation of model site ``name`` over its
+        full shape, detached from the autograd graph."""
+
+    @abstractmethod
+    def assign(
+        self, name: str, where: torch.Tensor, loc: torch.Tensor, scale: Optional[torch.Tensor]
+    ) -> None:
+        """Overwrite the posterior of site ``name`` at the elements ``where``."""
+
+    @abstractmethod
+    def guide_masks(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Translate masks on model sites to masks on the guide's sample sites."""
+
+
+def register_posterior(
+    guide_type: Type,
+) -> Callable[[Type[MeanFieldPosterior]], Type[MeanFieldPosterior]]:
+    """Class decorator registering a :class:`MeanFieldPosterior` for ``guide_type``
+    (and its subclasses); later registrations take precedence."""
+
+    def decorate(cls: Type[MeanFieldPosterior]) -> Type[MeanFieldPosterior]:
+        _REGISTRY.insert(0, (guide_type, cls))
+        return cls
+
+    return decorate
+
+
+def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
+    """The :class:`MeanFieldPosterior` for ``guide``.
+
+    :raises TypeError: for a guide that is not a mean-field Gaussian (``AutoDelta``,
+        full- or low-rank-covariance guides) or of a type nobody registered.
+    """
+    if isinstance(guide, _NOT_MEAN_FIELD):
+        raise TypeError(
+            f"{type(guide).__name__} is not a mean-field Gaussian guide, so BMR cannot score "
+            "its sites; use AutoNormal or AutoDiagonalNormal"
+        )
+    for guide_type, cls in _REGISTRY:
+        if isinstance(guide, guide_type):
+            return cls(guide)
+    raise TypeError(
+        f"unsupported guide type {type(guide).__name__}: use AutoNormal or AutoDiagonalNormal, "
+        "or register a MeanFieldPosterior with pyro_bmr.register_posterior"
+    )
+
+
+def _parameter(module: torch.nn.Module, dotted: str) -> Tuple[torch.Tensor, constraints.Constraint]:
+    """The leaf tensor behind a (possibly constrained) PyroModule attribute."""
+    path, _, leaf = dotted.rpartition(".")
+    owner = attrgetter(path)(module) if path else module
+    pyro_params = getattr(owner, "_pyro_params", {})
+    if leaf in pyro_params:
+        return owner._parameters[leaf + "_unconstrained"], pyro_params[leaf][0]
+    return getattr(owner, leaf), constraints.real
+
+
+def _assign(param: torch.Tensor, constraint, where: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        unconstrained = biject_to(constraint).inv(value.to(param.dtype)).expand_as(param)
+        param.copy_(torch.where(where, unconstrained, param))
+
+
+def _is_real(site: dict) -> bool:
+    support = site["fn"].support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+@register_posterior(autoguide.AutoNormal)
+class AutoNormalPosterior(MeanFieldPosterior):
+    """:class:`~pyro.infer.autoguide.AutoNormal`: ``locs.<site>`` and ``scales.<site>``,
+    drawn at the auxiliary site ``<site>_unconstrained``."""
+
+    def sites(self) -> Dict[str, Optional[str]]:
+        return {
+            name: None if _is_real(site) else f"support {site['fn'].support} is constrained"
+            for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
+        }
+
+    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (
+            attrgetter(name)(self.guide.locs).detach(),
+            attrgetter(name)(self.guide.scales).detach(),
+        )
+
+    def assign(self, name, where, loc, scale) -> None:
+        _assign(*_parameter(self.guide.locs, name), where, loc)
+        if scale is not None:
+            _assign(*_parameter(self.guide.scales, name), where, scale)
+
+    def guide_masks(self, masks):
+        return {name + "_unconstrained": mask for name, mask in masks.items()}
+
+
+@register_posterior(autoguide.AutoDiagonalNormal)
+class AutoDiagonalNormalPosterior(MeanFieldPosterior):
+    """:class:`~pyro.infer.autoguide.AutoDiagonalNormal`: one flat ``loc`` and
+    ``scale`` vector over all sites, drawn at the site ``_<name>_latent``."""
+
+    def _slices(self) -> Dict[str, Tuple[slice, torch.Size]]:
+        out, pos = {}, 0
+        for name, _ in self.guide.prototype_trace.iter_stochastic_nodes():
+            shape = self.guide._unconstrained_shapes[name]
+            size = shape.numel()
+            out[name] = (slice(pos, pos + size), shape)
+            pos += size
+        return out
+
+    def sites(self) -> Dict[str, Optional[str]]:
+        return {
+            name: None if _is_real(site) else f"support {site['fn'].support} is constrained"
+            for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
+        }
+
+    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        part, shape = self._slices()[name]
+        return (
+            self.guide.loc.detach()[part].reshape(shape),
+            self.guide.scale.detach()[part].reshape(shape),
+        )
+
+    def assign(self, name, where, loc, scale) -> None:
+        part, shape = self._slices()[name]
+        flat_where = where.expand(shape).reshape(-1)
+        for attr, value in (("loc", loc), ("scale", scale)):
+            if value is None:
+                continue
+            param, constraint = _parameter(self.guide, attr)
+            with torch.no_grad():
+                target = param[part]
+                new = biject_to(constraint).inv(value.to(param.dtype)).expand(shape).reshape(-1)
+                target.copy_(torch.where(flat_where, new, target))
+
+    def guide_masks(self, masks):
+        if not masks:
+            return {}
+        pieces = []
+        for name, (part, shape) in self._slices().items():
+            mask = masks.get(name)
+            if mask is None:
+                device = self.guide.loc.device
+                mask = torch.ones(shape, dtype=torch.bool, device=device)
+            pieces.append(mask.expand(shape).reshape(-1))
+        return {f"_{self.guide._pyro_name}_latent": torch.cat(pieces)}

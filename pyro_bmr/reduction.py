@@ -1,0 +1,278 @@
+"""The Bayesian model reduction handler."""
+
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+
+import torch
+
+from pyro_bmr.delta_f import _as_tensors, _direct, _repair
+from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
+from pyro_bmr.prune_messenger import PruneMessenger
+from pyro_bmr.report import ReductionReport, Sparsity
+from pyro_bmr.rules import PruningRule, ThresholdRule
+from pyro_bmr.sites import GaussianSite, find_gaussian_sites
+
+__all__ = ["BayesianModelReduction"]
+
+
+class BayesianModelReduction(PruneMessenger):
+    """Sparsify a Pyro model post hoc by Bayesian model reduction.
+
+    Built from a fitted mean-field Gaussian guide (``AutoNormal``,
+    ``AutoDiagonalNormal`` or a registered custom guide). :meth:`reduce` scores,
+    in closed form (:func:`~pyro_bmr.delta_f`), the reduced model in which each
+    element's Gaussian prior collapses to a point mass at zero, lets ``rule``
+    decide, and accumulates the result in :attr:`masks`. As an effect handler it
+    applies the masks: in ``bmr(model)`` a pruned element's prior is a point mass
+    at 0, in ``bmr(guide)`` the element samples exactly 0, and either way it adds
+    nothing to ``log p``, ``log q`` or the KL. Kept elements are untouched.
+
+    .. code-block:: python
+
+        guide = AutoNormal(model)
+        bmr = BayesianModelReduction(guide)
+        svi = SVI(bmr(model), bmr(guide), Adam({"lr": 0.01}), Trace_ELBO())
+        for epoch in range(num_epochs):
+            for x, y in loader:
+                svi.step(x, y)
+            report = bmr.reduce(x, y)
+
+    :param guide: a mean-field Gaussian guide of the model.
+    :param PruningRule rule: decides which elements to prune; default
+        :class:`~pyro_bmr.ThresholdRule` (prune where ΔF > 0).
+    :param sites: names of the sites to reduce; ``None`` (default) reduces every
+        site that can be, and lists the others in the report. Naming a site that
+        cannot be reduced is an error.
+    :param float reduced_loc: mean :math:`\\tilde m` of the reduced prior.
+    :param float reduced_scale: scale :math:`\\tilde s` of the reduced prior used
+        for scoring; 0 (default) is the point mass.
+    :param bool update_posterior: after scoring with a soft reduced prior
+        (``reduced_scale > 0``), overwrite the guide's loc and scale of kept
+        elements with the reduced posterior.
+    :param model: the model; defaults to ``guide.model``.
+    """
+
+    def __init__(
+        self,
+        guide: Callable,
+        rule: Optional[PruningRule] = None,
+        *,
+        sites: Optional[Iterable[str]] = None,
+        reduced_loc: float = 0.0,
+        reduced_scale: float = 0.0,
+        update_posterior: bool = False,
+        model: Optional[Callable] = None,
+    ) -> None:
+        super().__init__()
+        if rule is None:
+            rule = ThresholdRule()
+        if not isinstance(rule, PruningRule):
+            raise TypeError(f"rule must be a PruningRule, got {type(rule).__name__}")
+        if not reduced_scale >= 0:
+            raise ValueError(f"reduced_scale must be non-negative, got {reduced_scale}")
+        if update_posterior and reduced_scale == 0:
+            raise ValueError(
+                "update_posterior needs a soft reduced prior (reduced_scale > 0): under the "
+                "point mass the reduced posterior of a pruned element is exactly zero"
+            )
+        self.posterior: MeanFieldPosterior = mean_field_posterior(guide)
+        self.guide = guide
+        self.rule = rule
+        self.requested_sites = None if sites is None else list(sites)
+        self.reduced_loc = float(reduced_loc)
+        self.reduced_scale = float(reduced_scale)
+        self.update_posterior = bool(update_posterior)
+        self._model = model
+        self._masks: Dict[str, torch.Tensor] = {}
+        self._sites: Optional[Dict[str, GaussianSite]] = None
+        self._skipped: Dict[str, str] = {}
+
+    @property
+    def model(self) -> Callable:
+        return self._model if self._model is not None else self.posterior.model
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Site name → bool tensor of the site's shape, True = kept (read-only view;
+        change masks with :meth:`set_mask` and :meth:`reset`)."""
+        return MappingProxyType(self._masks)
+
+    def _refresh(self) -> None:
+        site_masks = dict(self._masks)
+        site_masks.update(self.posterior.guide_masks(self._masks))
+        self._site_masks = site_masks
+
+    def sites(self, *args, **kwargs) -> Dict[str, GaussianSite]:
+        """The reducible sites, found by tracing the model with these arguments
+        the first time and cached after."""
+        if self._sites is None:
+            self.posterior.prepare(*args, **kwargs)
+            with _disabled(self):
+                found, skipped = find_gaussian_sites(self.model, *args, **kwargs)
+            covered = self.posterior.sites()
+            for name in list(found):
+                reason = "not in the guide" if name not in covered else covered[name]
+                if reason is not None:
+                    skipped[name] = reason
+                    del found[name]
+            if self.requested_sites is not None:
+                for name in self.requested_sites:
+                    if name not in found:
+                        why = skipped.get(name)
+                        if why is None:
+                            raise ValueError(
+                                f"unknown site {name!r}; the model's Gaussian sites are "
+                                f"{sorted(found)}"
+                            )
+                        raise ValueError(f"site {name!r} cannot be reduced: {why}")
+                skipped.update({n: "not requested" for n in found if n not in self.requested_sites})
+                found = {n: found[n] for n in self.requested_sites}
+            self._sites, self._skipped = found, skipped
+        return self._sites
+
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Replace the mask of site ``name`` (True = kept).
+
+        :raises ValueError: for an unknown site or a mask of the wrong shape or dtype.
+        """
+        if self._sites is None:
+            raise ValueError("set_mask needs the sites: call reduce() or sites(*args) first")
+        site = self._sites.get(name)
+        if site is None:
+            raise ValueError(f"unknown site {name!r}; reducible sites are {sorted(self._sites)}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask for site {name!r} must be a bool tensor")
+        if mask.shape != site.shape:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit site {name!r} of shape "
+                f"{tuple(site.shape)}"
+            )
+        loc, _ = self.posterior.loc_scale(name)
+        self._masks[name] = mask.to(loc.device).clone()
+        self._refresh()
+
+    def reset(self, names: Optional[Iterable[str]] = None) -> None:
+        """Forget the masks of ``names`` (default: all), un-pruning their elements."""
+        for name in list(self._masks) if names is None else names:
+            self._masks.pop(name, None)
+        self._refresh()
+
+    @torch.no_grad()
+    def reduce(self, *args, **kwargs) -> ReductionReport:
+        """Score every reducible site, apply the rule and update the masks.
+
+        The model is traced once (on the first call) with ``*args, **kwargs`` to find
+        its Gaussian sites; ΔF is computed for all of them on the parameters' device
+        with one host synchronisation in total.
+
+        :returns: the :class:`~pyro_bmr.ReductionReport`.
+        :raises ValueError: naming the site, for non-finite or non-positive guide
+            scales or a reduced prior too wide for the posterior.
+        """
+        sites = self.sites(*args, **kwargs)
+        scores, flags = {}, []
+        for name, site in sites.items():
+            loc, scale = self.posterior.loc_scale(name)
+            mu, sigma, m, s, m_red, s_red = _as_tensors(
+                loc, scale, site.prior_loc, site.prior_scale, self.reduced_loc, self.reduced_scale
+            )
+            out = _direct(mu, sigma, m, s, m_red, s_red, posterior=self.update_posterior)
+            bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
+            flags.append(torch.stack([bad_scale, (out[3] <= 0).any(), out[4].any()]))
+            scores[name] = (out, (mu, sigma, m, s, m_red, s_red))
+        flags = torch.stack(flags).cpu() if flags else torch.zeros(0, 3, dtype=torch.bool)
+        for (name, (out, inputs)), (bad_scale, too_wide, unsafe) in zip(scores.items(), flags):
+            if bad_scale:
+                raise ValueError(f"guide scale of site {name!r} has NaN, inf or non-positive values")
+            if too_wide:
+                raise ValueError(
+                    f"reduced prior (scale {self.reduced_scale}) is too wide for site {name!r}: "
+                    "the reduced posterior precision is not positive"
+                )
+            if unsafe:
+                repaired = _repair((out[0], out[1], out[2]), out[4], inputs)
+                scores[name] = (repaired, inputs)
+
+        report_df, newly, new_df, pruned = {}, [], [], []
+        for name, (out, _) in scores.items():
+            df = out[0]
+            old = self._masks.get(name)
+            if old is None:
+                old = torch.ones(df.shape, dtype=torch.bool, device=df.device)
+            keep = self.rule.keep(df, old) & old
+            dropped = old & ~keep
+            newly.append(dropped.sum())
+            new_df.append(torch.where(dropped, df, torch.zeros_like(df)).sum().double())
+            pruned.append((~keep).sum())
+            zero = torch.zeros((), dtype=df.dtype, device=df.device)
+            self.posterior.assign(name, ~keep, zero, None)
+            if self.update_posterior:
+                self.posterior.assign(name, keep, out[1], out[2])
+            self._masks[name] = keep
+            report_df[name] = df
+        self._refresh()
+        totals = (
+            torch.stack([torch.stack(newly).cpu(), torch.stack(pruned).cpu()]).sum(1).tolist()
+            if scores
+            else [0, 0]
+        )
+        gained = float(torch.stack(new_df).sum()) if scores else 0.0
+        return ReductionReport(
+            delta_f=report_df,
+            num_pruned=int(totals[1]),
+            num_newly_pruned=int(totals[0]),
+            num_elements=sum(site.numel() for site in sites.values()),
+            total_delta_f=gained,
+            skipped=dict(self._skipped),
+        )
+
+    def sparsity(self) -> Sparsity:
+        """Fraction of elements pruned, per masked site and in total."""
+        if not self._masks:
+            return Sparsity({}, 0.0)
+        counts = torch.stack([(~m).sum() for m in self._masks.values()]).cpu().tolist()
+        sizes = [m.numel() for m in self._masks.values()]
+        per_site = {name: c / n for name, c, n in zip(self._masks, counts, sizes)}
+        return Sparsity(per_site, sum(counts) / sum(sizes))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The masks, as plain tensors (loadable with ``torch.load(weights_only=True)``)."""
+        return {"masks": {name: mask.clone() for name, mask in self._masks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks saved by :meth:`state_dict`.
+
+        :raises ValueError: if a mask is not a bool tensor; shapes are checked where
+            the sites are known, and otherwise at the site when the model runs.
+        """
+        masks = state.get("masks") if isinstance(state, Mapping) else None
+        if not isinstance(masks, Mapping):
+            raise ValueError("state must be a dict with a 'masks' entry, as state_dict() returns")
+        loaded = {}
+        for name, mask in masks.items():
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise ValueError(f"mask for site {name!r} must be a bool tensor")
+            site = (self._sites or {}).get(name)
+            if self._sites is not None and site is None:
+                raise ValueError(f"unknown site {name!r}; reducible sites are {sorted(self._sites)}")
+            if site is not None and mask.shape != site.shape:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not fit site {name!r} of shape "
+                    f"{tuple(site.shape)}"
+                )
+            loaded[name] = mask.clone()
+        self._masks = loaded
+        self._refresh()
+
+
+class _disabled:
+    """Run with a messenger's masks switched off (to trace the full model)."""
+
+    def __init__(self, messenger: PruneMessenger) -> None:
+        self.messenger = messenger
+
+    def __enter__(self) -> None:
+        self.saved, self.messenger._site_masks = self.messenger._site_masks, {}
+
+    def __exit__(self, *exc) -> None:
+        self.messenger._site_masks = self.saved

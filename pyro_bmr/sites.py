@@ -1,0 +1,146 @@
+"""Find the latent sites of a model whose prior is Gaussian.
+
+The first stage of the data path (model trace → Gaussian sites → ΔF → rule →
+masks → handler): trace the model once and, for every latent sample site, either
+read its prior as an elementwise :math:`\\mathcal N(m, s^2)` over the site's full
+(unsubsampled) shape or record why it cannot be reduced.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Distribution, Independent, Normal
+
+from pyro_bmr.distributions import PrunedNormal
+
+__all__ = ["GaussianSite", "find_gaussian_sites", "normal_params"]
+
+
+@dataclass(frozen=True)
+class GaussianSite:
+    """A latent site with an elementwise Gaussian prior.
+
+    :ivar str name: the sample site's name.
+    :ivar torch.Tensor prior_loc: prior mean, broadcastable to ``shape``.
+    :ivar torch.Tensor prior_scale: prior standard deviation, broadcastable to ``shape``.
+    :ivar torch.Size shape: the site's full value shape (subsampled plates at full size).
+    :ivar int event_dim: number of rightmost dimensions that form one event.
+    """
+
+    name: str
+    prior_loc: torch.Tensor
+    prior_scale: torch.Tensor
+    shape: torch.Size
+    event_dim: int
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def normal_params(fn: Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """Read an elementwise Normal out of a (possibly wrapped) distribution.
+
+    Looks through :class:`~torch.distributions.Independent` (``.to_event``),
+    Pyro's ``ExpandedDistribution`` and the :class:`~pyro_bmr.PrunedNormal` this
+    package installs.
+
+    :param fn: a distribution.
+    :returns: ``(loc, scale, event_dim)`` with ``loc`` and ``scale`` expanded to the
+        distribution's full ``batch_shape + event_shape``, or ``None`` where ``fn``
+        is not an elementwise Normal.
+    """
+    event_dim = 0
+    shape = fn.batch_shape + fn.event_shape
+    while True:
+        if isinstance(fn, PrunedNormal):
+            return fn.loc.expand(shape), fn.scale.expand(shape), event_dim + fn.event_dim
+        if isinstance(fn, Normal):
+            return fn.loc.expand(shape), fn.scale.expand(shape), event_dim
+        if isinstance(fn, Independent):
+            event_dim += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+            continue
+        base = getattr(fn, "base_dist", None)
+        if type(fn).__name__ == "ExpandedDistribution" and base is not None:
+            fn = base
+            continue
+        return None
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _full_size_param(
+    param: torch.Tensor, site: dict, event_dim: int
+) -> Tuple[Optional[torch.Tensor], torch.Size]:
+    """Undo plate subsampling of a prior parameter, which is only possible where
+    the parameter does not vary along the subsampled dimension."""
+    shape = list(param.shape)
+    for frame in site["cond_indep_stack"]:
+        full = frame.full_size if frame.full_size is not None else frame.size
+        if frame.dim is None or full == frame.size:
+            continue
+        dim = frame.dim - event_dim
+        if param.stride(dim) != 0 and param.shape[dim] != 1:
+            return None, torch.Size(shape)
+        param = param.narrow(dim, 0, 1)
+        shape[dim] = full
+    return param, torch.Size(shape)
+
+
+def find_gaussian_sites(
+    model: Callable, *args, **kwargs
+) -> Tuple[Dict[str, GaussianSite], Dict[str, str]]:
+    """Trace ``model`` and sort its latent sites into reducible and not.
+
+    A site is reducible when its prior is an elementwise Normal on the real line
+    whose parameters are fixed: the model is traced twice, and a prior that
+    changes between the traces depends on another latent variable (reparameterise
+    it, e.g. with ``LocScaleReparam(centered=0)``, so that the standardised site
+    has a fixed prior).
+
+    :param model: a Pyro model.
+    :returns: ``(sites, skipped)``: reducible sites by name, and the reason for
+        every latent site that is not.
+    """
+    traces = [
+        prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs)) for _ in range(2)
+    ]
+    sites: Dict[str, GaussianSite] = {}
+    skipped: Dict[str, str] = {}
+    for name, site in traces[0].iter_stochastic_nodes():
+        if site["infer"].get("is_auxiliary"):
+            continue
+        fn = site["fn"]
+        params = normal_params(fn)
+        if params is None:
+            skipped[name] = f"prior {type(fn).__name__} is not an elementwise Normal"
+            continue
+        if not _is_real(fn.support):
+            skipped[name] = f"support {fn.support} is constrained"
+            continue
+        loc, scale, event_dim = params
+        other = traces[1].nodes.get(name)
+        other_params = normal_params(other["fn"]) if other is not None else None
+        if other_params is None or not (
+            torch.equal(other_params[0], loc) and torch.equal(other_params[1], scale)
+        ):
+            skipped[name] = (
+                "prior parameters depend on other latent variables; reparameterise the "
+                "site (e.g. LocScaleReparam(centered=0)) so its prior is fixed"
+            )
+            continue
+        loc, shape = _full_size_param(loc.detach(), site, event_dim)
+        scale, _ = _full_size_param(scale.detach(), site, event_dim)
+        if loc is None or scale is None:
+            skipped[name] = "per-element prior inside a subsampled plate"
+            continue
+        sites[name] = GaussianSite(name, loc, scale, shape, event_dim)
+    return sites, skipped

@@ -1,0 +1,188 @@
+"""Stochastic BMR: variational epochs interleaved with Bayesian model reduction."""
+
+import inspect
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from pyro.infer import ELBO, SVI, Trace_ELBO
+from pyro.optim import PyroOptim
+from tqdm.auto import tqdm
+
+from pyro_bmr.reduction import BayesianModelReduction
+from pyro_bmr.report import ReductionReport
+from pyro_bmr.rules import PruningRule
+
+__all__ = ["StochasticBMR"]
+
+Batch = Union[Tuple, List, Dict[str, Any], torch.Tensor]
+
+
+def _split(batch: Batch) -> Tuple[tuple, dict]:
+    if isinstance(batch, dict):
+        return (), batch
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+class StochasticBMR:
+    """The training scheme of Marković, Friston & Kiebel (2024): fit the model by
+    SVI for ``reduce_every`` epochs, prune by :meth:`BayesianModelReduction.reduce`,
+    and repeat, so that pruned weights stay exactly zero in the model and the guide
+    for the rest of training.
+
+    Any Pyro ELBO works (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``,
+    ``RenyiELBO``, ``JitTrace_ELBO``, ...). ``optim`` is either a Pyro optimiser
+    (``pyro.optim.Adam({"lr": 1e-3})``, run through :class:`~pyro.infer.SVI`) or a
+    ``torch.optim`` optimiser class or factory taking the parameters (run through
+    the ``elbo(model, guide)`` module, e.g. ``functools.partial(torch.optim.Adam,
+    lr=1e-3)``).
+
+    :param model: a Pyro model with Gaussian priors.
+    :param guide: its mean-field Gaussian guide (e.g. ``AutoNormal(model)``).
+    :param optim: a :class:`~pyro.optim.PyroOptim`, or a callable
+        ``params -> torch.optim.Optimizer``.
+    :param loss: the ELBO; default :class:`~pyro.infer.Trace_ELBO`.
+    :param PruningRule rule: the rule of a new handler (default threshold at 0).
+    :param BayesianModelReduction bmr: an existing handler to use instead.
+    :param int reduce_every: epochs between reductions.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optim: Union[PyroOptim, Callable],
+        loss: Optional[ELBO] = None,
+        *,
+        rule: Optional[PruningRule] = None,
+        bmr: Optional[BayesianModelReduction] = None,
+        reduce_every: int = 1,
+    ) -> None:
+        if bmr is not None and rule is not None:
+            raise ValueError("pass either rule or bmr, not both (bmr carries its own rule)")
+        if int(reduce_every) < 1:
+            raise ValueError(f"reduce_every must be a positive number of epochs, got {reduce_every}")
+        loss = Trace_ELBO() if loss is None else loss
+        if not isinstance(loss, ELBO):
+            raise TypeError(f"loss must be a Pyro ELBO, got {type(loss).__name__}")
+        self.bmr = bmr if bmr is not None else BayesianModelReduction(guide, rule, model=model)
+        self.model, self.guide, self.loss = model, guide, loss
+        self.reduce_every = int(reduce_every)
+        self.history: List[Dict[str, Any]] = []
+        self.epochs_done = 0
+        self._svi: Optional[SVI] = None
+        self._make_optim: Optional[Callable] = None
+        self._elbo_module: Optional[torch.nn.Module] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        if isinstance(optim, PyroOptim):
+            self._svi = SVI(self.bmr(model), self.bmr(guide), optim, loss)
+        elif callable(optim) and not isinstance(optim, torch.optim.Optimizer):
+            self._make_optim = optim
+        else:
+            raise TypeError(
+                "optim must be a pyro.optim optimiser or a callable making a torch optimiser "
+                f"from parameters (e.g. functools.partial(torch.optim.Adam, lr=1e-3)), got {optim!r}"
+            )
+
+    def step(self, *args, **kwargs) -> float:
+        """One gradient step on the reduced model; returns the loss."""
+        if self._svi is not None:
+            return float(self._svi.step(*args, **kwargs))
+        if self._elbo_module is None:
+            self._elbo_module = self.loss(self.bmr(self.model), self.bmr(self.guide))
+            self._elbo_module(*args, **kwargs)  # creates the guide's parameters
+            self._optimizer = self._make_optim(list(self._elbo_module.parameters()))
+        loss = self._elbo_module(*args, **kwargs)
+        self._optimizer.zero_grad()
+        loss.backward()
+        self._optimizer.step()
+        return float(loss.detach())
+
+    def reduce(self, *args, **kwargs) -> ReductionReport:
+        """Prune by BMR now (see :meth:`BayesianModelReduction.reduce`)."""
+        return self.bmr.reduce(*args, **kwargs)
+
+    def fit(
+        self,
+        data: Union[Iterable[Batch], Callable[[], Batch]],
+        num_epochs: int = 1,
+        *,
+        steps_per_epoch: Optional[int] = None,
+        progress: bool = True,
+        callback: Optional[Callable[[int, "StochasticBMR"], Any]] = None,
+    ) -> List[Dict[str, Any]]:
+        """Train for ``num_epochs`` epochs, reducing every ``reduce_every`` epochs.
+
+        :param data: an iterable of batches re-read every epoch (a ``DataLoader``),
+            or a callable returning one batch. A tuple batch is passed as
+            ``model(*batch)``, a dict as ``model(**batch)``, anything else as
+            ``model(batch)``.
+        :param int num_epochs: number of epochs.
+        :param int steps_per_epoch: steps per epoch; required when ``data`` is a
+            callable, and caps the epoch otherwise.
+        :param bool progress: show a progress bar with loss and sparsity.
+        :param callback: called as ``callback(epoch, self)`` after each epoch.
+        :returns: :attr:`history`, one record per reduction: ``epoch``, ``loss`` (mean
+            over the epoch), ``pruned_fraction`` (per site), ``total_pruned_fraction``,
+            ``num_pruned`` and ``total_delta_f``.
+        """
+        if int(num_epochs) < 0:
+            raise ValueError(f"num_epochs must be non-negative, got {num_epochs}")
+        from_callable = callable(data) and not hasattr(data, "__iter__")
+        if from_callable and steps_per_epoch is None:
+            raise ValueError("steps_per_epoch is required when data is a callable")
+        if from_callable and inspect.signature(data).parameters:
+            raise TypeError("a data callable must take no arguments and return one batch")
+        total = steps_per_epoch
+        if total is None and hasattr(data, "__len__"):
+            total = len(data)
+        bar = tqdm(
+            total=None if total is None else total * int(num_epochs),
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        first_epoch = self.epochs_done
+        with bar:
+            for epoch in range(first_epoch, first_epoch + int(num_epochs)):
+                losses, batch = [], None
+                batches = _calls(data, steps_per_epoch) if from_callable else data
+                for i, batch in enumerate(batches):
+                    if steps_per_epoch is not None and i >= steps_per_epoch:
+                        break
+                    args, kwargs = _split(batch)
+                    losses.append(self.step(*args, **kwargs))
+                    bar.update()
+                    if len(losses) % 10 == 1:
+                        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4g}", refresh=False)
+                if batch is None:
+                    raise ValueError(f"data yielded no batch in epoch {epoch}")
+                if (epoch + 1) % self.reduce_every == 0:
+                    args, kwargs = _split(batch)
+                    report = self.reduce(*args, **kwargs)
+                    sparsity = self.bmr.sparsity()
+                    self.history.append(
+                        {
+                            "epoch": epoch,
+                            "loss": sum(losses) / len(losses),
+                            "pruned_fraction": sparsity.per_site,
+                            "total_pruned_fraction": sparsity.total,
+                            "num_pruned": report.num_pruned,
+                            "total_delta_f": report.total_delta_f,
+                        }
+                    )
+                    bar.set_postfix(
+                        epoch=epoch,
+                        loss=f"{sum(losses) / len(losses):.4g}",
+                        pruned=f"{100 * sparsity.total:.1f}%",
+                    )
+                self.epochs_done = epoch + 1
+                if callback is not None:
+                    callback(epoch, self)
+        return self.history
+
+
+def _calls(make_batch: Callable[[], Batch], steps: int) -> Iterable[Batch]:
+    for _ in range(steps):
+        yield make_batch()
