@@ -163,7 +163,11 @@ def _as_tensors(*values: Number) -> tuple:
 
 
 def _validate_scales(sigma: torch.Tensor, s: torch.Tensor, s_red: torch.Tensor) -> None:
-    for name, x, strict in (("scale", sigma, True), ("prior_scale", s, True), ("reduced_scale", s_red, False)):
+    for name, x, strict in (
+        ("scale", sigma, True),
+        ("prior_scale", s, True),
+        ("reduced_scale", s_red, False),
+    ):
         ok = torch.isfinite(x) & ((x > 0) if strict else (x >= 0))
         if not bool(ok.all()):
             bad = x[~ok].flatten()[0].item()
@@ -180,7 +184,9 @@ def _log_abs_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """ln(1 − eˣ) for x ≤ 0 (Mächler 2012)."""
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return torch.where(
+        x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x))
+    )
 
 
 def _signed_exp_diff(lx: torch.Tensor, ly: torch.Tensor) -> tuple:

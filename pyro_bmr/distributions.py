@@ -62,7 +62,10 @@ class PrunedNormal(TorchDistribution):
     def expand(self, batch_shape, _instance=None) -> "PrunedNormal":
         shape = torch.Size(batch_shape) + self.event_shape
         return PrunedNormal(
-            self.loc.expand(shape), self.scale.expand(shape), self.keep.expand(shape), self.event_dim
+            self.loc.expand(shape),
+            self.scale.expand(shape),
+            self.keep.expand(shape),
+            self.event_dim,
         )
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:

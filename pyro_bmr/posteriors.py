@@ -197,7 +197,7 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
         if not masks:
             return {}
         pieces = []
-        for name, (part, shape) in self._slices().items():
+        for name, (_, shape) in self._slices().items():
             mask = masks.get(name)
             if mask is None:
                 device = self.guide.loc.device

@@ -183,7 +183,9 @@ class BayesianModelReduction(PruneMessenger):
         flags = torch.stack(flags).cpu() if flags else torch.zeros(0, 3, dtype=torch.bool)
         for (name, (out, inputs)), (bad_scale, too_wide, unsafe) in zip(scores.items(), flags):
             if bad_scale:
-                raise ValueError(f"guide scale of site {name!r} has NaN, inf or non-positive values")
+                raise ValueError(
+                    f"guide scale of site {name!r} has NaN, inf or non-positive values"
+                )
             if too_wide:
                 raise ValueError(
                     f"reduced prior (scale {self.reduced_scale}) is too wide for site {name!r}: "
@@ -254,7 +256,9 @@ class BayesianModelReduction(PruneMessenger):
                 raise ValueError(f"mask for site {name!r} must be a bool tensor")
             site = (self._sites or {}).get(name)
             if self._sites is not None and site is None:
-                raise ValueError(f"unknown site {name!r}; reducible sites are {sorted(self._sites)}")
+                raise ValueError(
+                    f"unknown site {name!r}; reducible sites are {sorted(self._sites)}"
+                )
             if site is not None and mask.shape != site.shape:
                 raise ValueError(
                     f"mask of shape {tuple(mask.shape)} does not fit site {name!r} of shape "

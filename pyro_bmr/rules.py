@@ -78,9 +78,7 @@ class SpikeAndSlabRule(PruningRule):
             if not value > 0:
                 raise ValueError(f"SpikeAndSlabRule: {name} must be positive, got {value}")
         if int(num_iterations) < 1:
-            raise ValueError(
-                f"SpikeAndSlabRule: num_iterations must be >= 1, got {num_iterations}"
-            )
+            raise ValueError(f"SpikeAndSlabRule: num_iterations must be >= 1, got {num_iterations}")
         self.alpha0 = float(alpha0)
         self.beta0 = float(beta0)
         self.num_iterations = int(num_iterations)

@@ -62,7 +62,9 @@ class StochasticBMR:
         if bmr is not None and rule is not None:
             raise ValueError("pass either rule or bmr, not both (bmr carries its own rule)")
         if int(reduce_every) < 1:
-            raise ValueError(f"reduce_every must be a positive number of epochs, got {reduce_every}")
+            raise ValueError(
+                f"reduce_every must be a positive number of epochs, got {reduce_every}"
+            )
         loss = Trace_ELBO() if loss is None else loss
         if not isinstance(loss, ELBO):
             raise TypeError(f"loss must be a Pyro ELBO, got {type(loss).__name__}")
