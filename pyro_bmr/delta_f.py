@@ -99,11 +99,11 @@ def delta_f(
     )
     if validate:
         _validate_scales(sigma, s, s_red)
-    result, post_loc, post_scale, kappa, unsafe = _direct(mu, sigma, m, s, m_red, s_red)
-    if validate and not bool((kappa > 0).all()):
+    result, post_loc, post_scale, invalid, unsafe = _direct(mu, sigma, m, s, m_red, s_red)
+    if validate and bool(invalid.any()):
         raise ValueError(
             "delta_f: the reduced prior is too wide for the posterior: the reduced "
-            f"posterior precision is not positive at {int((kappa <= 0).sum())} element(s); "
+            f"posterior precision is not positive at {int(invalid.sum())} element(s); "
             "a reduced prior wider than the full prior needs σ² (1/s² − 1/s̃²) < 1"
         )
     if bool(unsafe.any()):
@@ -114,9 +114,9 @@ def delta_f(
 
 
 def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
-    """The direct evaluation: ``(ΔF, loc, scale, κ·s̃²/g², unsafe)``, where ``unsafe``
-    marks the elements to evaluate again in the log domain (loc and scale are
-    ``None`` unless ``posterior``)."""
+    """The direct evaluation: ``(ΔF, loc, scale, invalid, unsafe)``. ``invalid`` marks
+    elements whose reduced posterior precision is not positive, ``unsafe`` those to
+    evaluate again in the log domain; loc and scale are ``None`` unless ``posterior``."""
     g = torch.maximum(sigma, s_red)
     a = sigma / g  # one of a, b is exactly 1
     b = s_red / g
@@ -124,18 +124,21 @@ def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
     w = (1 - t) * (1 + t)  # 1 − s̃²/s², accurate near t = 1
     kappa = b * b + a * a * w
     d_red = (mu - m_red) / g
-    d_full = (mu - m) / s * b
+    d_full = (mu - m) * (b / s)  # exactly 0 under the point mass, however small s
     d_priors = a * (m_red - m) / s
     quad = (d_red * d_red - d_full * d_full - d_priors * d_priors) / kappa
     result = torch.log(s) - torch.log(g) - 0.5 * torch.log(kappa) - 0.5 * quad
     finite = torch.isfinite(result)
     post_loc = post_scale = None
     if posterior:
-        post_loc = (b * b * mu + a * a * m_red - (a * t) ** 2 * m) / kappa
+        post_loc = (b * b * mu + a * a * (m_red - t * t * m)) / kappa
         post_scale = sigma * b / torch.sqrt(kappa)
         finite = finite & torch.isfinite(post_loc) & torch.isfinite(post_scale)
     unsafe = ~finite | (kappa < torch.finfo(result.dtype).tiny)
-    return result, post_loc, post_scale, kappa, unsafe
+    # κ > 0 unless the reduced prior is wider than the full one (w < 0) by enough;
+    # decided without forming κ, which can underflow
+    invalid = (w < 0) & (b <= a * torch.sqrt(-w))
+    return result, post_loc, post_scale, invalid, unsafe
 
 
 def _repair(values: tuple, unsafe: torch.Tensor, inputs: tuple) -> tuple:
@@ -223,13 +226,9 @@ def _log_domain(mu, sigma, m, s, m_red, s_red) -> tuple:
     half_quad = sign * torch.exp(log_num - log_kappa - 0.6931471805599453)
     result = (log_s - log_g - 0.5 * log_kappa) - half_quad
 
-    # reduced posterior: loc = (b² μ + a² m̃ − (a t)² m) / κ, scale = σ b / √κ
-    terms = torch.stack([mu, m_red, m])
-    big = terms.abs().amax(0)
-    big = torch.where(big > 0, big, torch.ones_like(big))
-    coef_mu = torch.exp(2 * lb - log_kappa)
-    coef_red = torch.exp(2 * la - log_kappa)
-    coef_full = torch.exp(2 * (la + lt) - log_kappa)
-    post_loc = big * (coef_mu * (mu / big) + coef_red * (m_red / big) - coef_full * (m / big))
+    # reduced posterior: loc = (b² μ + a² (m̃ − t² m)) / κ, scale = σ b / √κ
+    t2m = torch.exp(2 * lt) * m
+    prior_part = torch.sign(m_red - t2m) * torch.exp(2 * la - log_kappa + _log_abs_diff(m_red, t2m))
+    post_loc = torch.exp(2 * lb - log_kappa) * mu + prior_part
     post_scale = torch.exp(log_sigma + lb - 0.5 * log_kappa)
     return result, post_loc, post_scale

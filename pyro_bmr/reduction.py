@@ -178,7 +178,7 @@ class BayesianModelReduction(PruneMessenger):
             )
             out = _direct(mu, sigma, m, s, m_red, s_red, posterior=self.update_posterior)
             bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
-            flags.append(torch.stack([bad_scale, (out[3] <= 0).any(), out[4].any()]))
+            flags.append(torch.stack([bad_scale, out[3].any(), out[4].any()]))
             scores[name] = (out, (mu, sigma, m, s, m_red, s_red))
         flags = torch.stack(flags).cpu() if flags else torch.zeros(0, 3, dtype=torch.bool)
         for (name, (out, inputs)), (bad_scale, too_wide, unsafe) in zip(scores.items(), flags):

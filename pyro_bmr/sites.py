@@ -103,7 +103,7 @@ def find_gaussian_sites(
     A site is reducible when its prior is an elementwise Normal on the real line
     whose parameters are fixed: the model is traced twice, and a prior that
     changes between the traces depends on another latent variable (reparameterise
-    it, e.g. with ``LocScaleReparam(centered=0)``, so that the standardised site
+    it, e.g. with ``LocScaleReparam(centered=0.0)``, so that the standardised site
     has a fixed prior).
 
     :param model: a Pyro model.
@@ -134,7 +134,7 @@ def find_gaussian_sites(
         ):
             skipped[name] = (
                 "prior parameters depend on other latent variables; reparameterise the "
-                "site (e.g. LocScaleReparam(centered=0)) so its prior is fixed"
+                "site (e.g. LocScaleReparam(centered=0.0)) so its prior is fixed"
             )
             continue
         loc, shape = _full_size_param(loc.detach(), site, event_dim)
