@@ -101,25 +101,37 @@ def find_gaussian_sites(
     """Trace ``model`` and sort its latent sites into reducible and not.
 
     A site is reducible when its prior is an elementwise Normal on the real line
-    whose parameters are fixed: the model is traced twice, and a prior that
-    changes between the traces depends on another latent variable (reparameterise
-    it, e.g. with ``LocScaleReparam(centered=0.0)``, so that the standardised site
-    has a fixed prior).
+    whose parameters do not depend on other latent variables. Dependence is found
+    by autograd: the model is run again with every latent value made a leaf
+    tensor, and a prior whose parameters reach one of those leaves is hierarchical
+    (reparameterise it, e.g. with ``LocScaleReparam(centered=0.0)``, so that the
+    standardised site has a fixed prior).
 
     :param model: a Pyro model.
     :returns: ``(sites, skipped)``: reducible sites by name, and the reason for
         every latent site that is not.
     """
-    traces = [
-        prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs)) for _ in range(2)
+    first = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+    latent_names = [
+        name
+        for name, site in first.iter_stochastic_nodes()
+        if not site["infer"].get("is_auxiliary")
     ]
+    leaves = {
+        name: first.nodes[name]["value"].detach().clone().requires_grad_()
+        for name in latent_names
+        if torch.is_floating_point(first.nodes[name]["value"])
+    }
+    with torch.enable_grad():
+        trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(*args, **kwargs)
+    trace = prune_subsample_sites(trace)
     sites: Dict[str, GaussianSite] = {}
     skipped: Dict[str, str] = {}
-    for name, site in traces[0].iter_stochastic_nodes():
-        if site["infer"].get("is_auxiliary"):
-            continue
+    for name in latent_names:
+        site = trace.nodes[name]
         fn = site["fn"]
-        params = normal_params(fn)
+        with torch.enable_grad():  # reduce() runs under no_grad
+            params = normal_params(fn)
         if params is None:
             skipped[name] = f"prior {type(fn).__name__} is not an elementwise Normal"
             continue
@@ -127,11 +139,7 @@ def find_gaussian_sites(
             skipped[name] = f"support {fn.support} is constrained"
             continue
         loc, scale, event_dim = params
-        other = traces[1].nodes.get(name)
-        other_params = normal_params(other["fn"]) if other is not None else None
-        if other_params is None or not (
-            torch.equal(other_params[0], loc) and torch.equal(other_params[1], scale)
-        ):
+        if _depends_on(loc, scale, [leaf for other, leaf in leaves.items() if other != name]):
             skipped[name] = (
                 "prior parameters depend on other latent variables; reparameterise the "
                 "site (e.g. LocScaleReparam(centered=0.0)) so its prior is fixed"
@@ -144,3 +152,19 @@ def find_gaussian_sites(
             continue
         sites[name] = GaussianSite(name, loc, scale, shape, event_dim)
     return sites, skipped
+
+
+def _depends_on(loc: torch.Tensor, scale: torch.Tensor, leaves: list) -> bool:
+    """Whether loc or scale changes with any leaf. A zero gradient counts as no
+    dependence, as for ``LocScaleReparam(centered=0.0)``, whose standardised prior
+    is computed as ``scale ** 0``."""
+    if not leaves:
+        return False
+    with torch.enable_grad():
+        for t in (loc, scale):
+            if not t.requires_grad:
+                continue
+            grads = torch.autograd.grad(t.sum(), leaves, allow_unused=True, retain_graph=True)
+            if any(g is not None and bool((g != 0).any()) for g in grads):
+                return True
+    return False

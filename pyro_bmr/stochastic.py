@@ -3,6 +3,7 @@
 import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import pyro
 import torch
 from pyro.infer import ELBO, SVI, Trace_ELBO
 from pyro.optim import PyroOptim
@@ -94,7 +95,7 @@ class StochasticBMR:
         if self._elbo_module is None:
             self._elbo_module = self.loss(self.bmr(self.model), self.bmr(self.guide))
             self._elbo_module(*args, **kwargs)  # creates the guide's parameters
-            self._optimizer = self._make_optim(list(self._elbo_module.parameters()))
+            self._optimizer = self._make_optim(_trainable_parameters(self.model, self.guide))
         loss = self._elbo_module(*args, **kwargs)
         self._optimizer.zero_grad()
         loss.backward()
@@ -103,7 +104,9 @@ class StochasticBMR:
 
     def reduce(self, *args, **kwargs) -> ReductionReport:
         """Prune by BMR now (see :meth:`BayesianModelReduction.reduce`)."""
-        return self.bmr.reduce(*args, **kwargs)
+        report = self.bmr.reduce(*args, **kwargs)
+        _forget_compiled(self.loss)
+        return report
 
     def fit(
         self,
@@ -183,6 +186,30 @@ class StochasticBMR:
                 if callback is not None:
                     callback(epoch, self)
         return self.history
+
+
+def _trainable_parameters(model: Callable, guide: Callable) -> List[torch.Tensor]:
+    """The guide's and the model's parameters: module parameters and those of
+    ``pyro.param`` statements, each once."""
+    params: Dict[int, torch.Tensor] = {}
+    for fn in (guide, model):
+        if isinstance(fn, torch.nn.Module):
+            params.update((id(p), p) for p in fn.parameters())
+    for value in pyro.get_param_store().values():
+        p = value.unconstrained()
+        params.setdefault(id(p), p)
+    return list(params.values())
+
+
+_JIT_CACHES = ("_loss_and_surrogate_loss", "_jit_loss_and_surrogate_loss", "_differentiable_loss")
+
+
+def _forget_compiled(loss: ELBO) -> None:
+    """JIT-compiled ELBOs bake the masks into the compiled graph as constants, so
+    a reduction must make them compile again."""
+    for attr in _JIT_CACHES:
+        if getattr(loss, attr, None) is not None:
+            setattr(loss, attr, None)
 
 
 def _calls(make_batch: Callable[[], Batch], steps: int) -> Iterable[Batch]:

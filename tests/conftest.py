@@ -1,0 +1,25 @@
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro_state():
+    """Every test starts from an empty param store and fixed seeds."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def sparse_regression():
+    """50 coefficients, 5 of them non-zero, n = 500, known noise 0.5."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 500, 50
+    X = torch.randn(n, d, generator=g)
+    w = torch.zeros(d)
+    w[:5] = torch.tensor([2.0, -1.5, 1.0, 3.0, -2.0])
+    y = X @ w + 0.5 * torch.randn(n, generator=g)
+    return X, y, w

@@ -1,0 +1,40 @@
+"""Small Pyro models shared by the tests."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+
+def regression_model(X, y=None, noise=0.5):
+    d = X.shape[-1]
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        # written for any leading batch of w, e.g. vectorised particles
+        pyro.sample("y", dist.Normal((X * w.unsqueeze(-2)).sum(-1), noise), obs=y)
+
+
+def subsampled_model(X, y=None, batch=64):
+    """Global weights plus a per-datum offset in a subsampled plate."""
+    d = X.shape[-1]
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+    with pyro.plate("data", X.shape[0], subsample_size=batch) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 0.1))
+        pyro.sample("y", dist.Normal(X[idx] @ w + z, 0.5), obs=None if y is None else y[idx])
+
+
+class BayesianMLP(PyroModule):
+    def __init__(self, d_in=4, d_hidden=8, d_out=3):
+        super().__init__()
+        self.fc1 = PyroModule[torch.nn.Linear](d_in, d_hidden)
+        self.fc1.weight = PyroSample(dist.Normal(0.0, 1.0).expand([d_hidden, d_in]).to_event(2))
+        self.fc1.bias = PyroSample(dist.Normal(0.0, 1.0).expand([d_hidden]).to_event(1))
+        self.fc2 = PyroModule[torch.nn.Linear](d_hidden, d_out)
+        self.fc2.weight = PyroSample(dist.Normal(0.0, 1.0).expand([d_out, d_hidden]).to_event(2))
+        self.fc2.bias = PyroSample(dist.Normal(0.0, 1.0).expand([d_out]).to_event(1))
+
+    def forward(self, x, y=None):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+        return logits

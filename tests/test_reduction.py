@@ -1,0 +1,374 @@
+import io
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    Predictive,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from pyro.infer.reparam import LocScaleReparam
+from pyro.optim import Adam
+
+from pyro_bmr import BayesianModelReduction, PrunedNormal, ThresholdRule, delta_f
+
+from .models import BayesianMLP, regression_model, subsampled_model
+
+
+def _fit(model, guide, *args, steps=300, lr=0.05, loss=None, bmr=None):
+    wrap = (lambda f: f) if bmr is None else bmr
+    svi = SVI(wrap(model), wrap(guide), Adam({"lr": lr}), loss or Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return svi
+
+
+def test_reduce_prunes_the_null_coefficients_and_zeroes_them(sparse_regression):
+    X, y, w = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y)
+    bmr = BayesianModelReduction(guide)
+    kept_before = guide.locs.w.detach().clone()
+    report = bmr.reduce(X, y)
+
+    keep = bmr.masks["w"]
+    assert keep.dtype == torch.bool and keep.shape == (50,)
+    assert keep[:5].all()
+    assert (~keep[5:]).sum() >= 40
+    assert report.num_pruned == int((~keep).sum()) == report.num_newly_pruned
+    assert report.num_elements == 50
+    assert torch.equal(report.delta_f["w"] > 0, ~keep)
+    assert report.total_delta_f == pytest.approx(report.delta_f["w"][~keep].sum().item(), rel=1e-5)
+    assert report.total_delta_f > 0
+    # pruned locs are zero, kept locs untouched
+    loc = guide.locs.w.detach()
+    assert torch.equal(loc[~keep], torch.zeros(int((~keep).sum())))
+    assert torch.equal(loc[keep], kept_before[keep])
+    # the report explains the observed site is not a latent, and skips nothing else
+    assert report.skipped == {}
+    sparsity = bmr.sparsity()
+    assert sparsity.per_site["w"] == pytest.approx((~keep).float().mean().item())
+    assert sparsity.total == sparsity.per_site["w"]
+
+
+def test_reduced_model_and_guide_log_densities_drop_pruned_elements(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=200)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    keep = bmr.masks["w"]
+
+    guide_tr = pyro.poutine.trace(bmr(guide)).get_trace(X, y)
+    model_tr = pyro.poutine.trace(pyro.poutine.replay(bmr(regression_model), guide_tr)).get_trace(
+        X, y
+    )
+    w = guide_tr.nodes["w"]["value"]
+    assert torch.equal(w[~keep], torch.zeros(int((~keep).sum())))
+    assert (w[keep] != 0).all()
+
+    aux = guide_tr.nodes["w_unconstrained"]
+    assert isinstance(aux["fn"], PrunedNormal)
+    loc, scale = guide.locs.w.detach(), guide.scales.w.detach()
+    expected_q = dist.Normal(loc, scale).log_prob(w)[keep].sum()
+    assert torch.allclose(aux["fn"].log_prob(w), expected_q)
+    expected_p = dist.Normal(0.0, 1.0).log_prob(w)[keep].sum()
+    assert torch.allclose(model_tr.nodes["w"]["fn"].log_prob(w), expected_p)
+    # a non-zero value at a pruned position has no density under the point mass
+    bad = w.clone()
+    bad[~keep] = 0.1
+    assert model_tr.nodes["w"]["fn"].log_prob(bad) == -float("inf")
+
+
+def test_plate_with_subsampling_masks_follow_the_subsample():
+    pyro.set_rng_seed(1)
+    N, d = 300, 6
+    X = torch.randn(N, d)
+    y = X @ torch.tensor([1.0, 0, 0, -2.0, 0, 0]) + 0.5 * torch.randn(N)
+    guide = AutoNormal(subsampled_model)
+    bmr = BayesianModelReduction(guide)
+    _fit(subsampled_model, guide, X, y, steps=400)
+    report = bmr.reduce(X, y)
+    assert set(bmr.masks) == {"w", "z"}
+    assert bmr.masks["z"].shape == (N,)  # the full plate, not the subsample
+    assert (~bmr.masks["z"]).any() and (~bmr.masks["w"]).any()
+    assert report.num_elements == N + d
+
+    tr = pyro.poutine.trace(bmr(guide)).get_trace(X, y)
+    idx = tr.nodes["data"]["value"]
+    z = tr.nodes["z"]["value"]
+    assert z.shape == (64,)
+    assert torch.equal(z == 0, ~bmr.masks["z"][idx])
+    # training continues on the reduced model
+    _fit(subsampled_model, guide, X, y, steps=5, bmr=bmr)
+
+
+def test_pyro_module_mlp_with_dotted_site_names():
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    net = BayesianMLP()
+    guide = AutoNormal(net)
+    _fit(net, guide, x, y, steps=50)
+    bmr = BayesianModelReduction(guide, ThresholdRule(-1.0))
+    bmr.reduce(x, y)
+    assert set(bmr.masks) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert bmr.masks["fc1.weight"].shape == (8, 4)
+    assert bmr.sparsity().total > 0
+    samples = Predictive(bmr(net), guide=bmr(guide), num_samples=20)(x)
+    w = samples["fc1.weight"].reshape(20, 8, 4)
+    assert (w[:, ~bmr.masks["fc1.weight"]] == 0).all()
+    assert (w[:, bmr.masks["fc1.weight"]] != 0).all()
+
+
+def test_predictive_gives_exact_zeros_and_reduced_predictions(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=200)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    keep = bmr.masks["w"]
+    pred = Predictive(bmr(regression_model), guide=bmr(guide), num_samples=50)
+    w = pred(X)["w"].reshape(50, 50)
+    assert (w[:, ~keep] == 0).all() and (w[:, keep] != 0).all()
+    # the prior predictive of the reduced model is also pruned
+    prior = Predictive(bmr(regression_model), num_samples=10)(X)
+    assert (prior["w"].reshape(10, 50)[:, ~keep] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        Trace_ELBO(),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+        TraceMeanField_ELBO(),
+        TraceGraph_ELBO(),
+        RenyiELBO(alpha=0.5, num_particles=2),
+        JitTrace_ELBO(),
+    ],
+    ids=["Trace", "Trace-vectorized", "TraceMeanField", "TraceGraph", "Renyi", "JitTrace"],
+)
+def test_every_elbo_trains_the_reduced_model_without_touching_pruned_elements(
+    loss, sparse_regression
+):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=150)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    keep = bmr.masks["w"]
+    assert (~keep).sum() > 30
+
+    svi = SVI(bmr(regression_model), bmr(guide), Adam({"lr": 0.01}), loss)
+    for _ in range(3):
+        value = svi.step(X, y)
+        assert torch.isfinite(torch.tensor(value))
+        loc_param = pyro.param("AutoNormal.locs.w").unconstrained()
+        assert loc_param.grad is None or (loc_param.grad[~keep] == 0).all()
+    # pruned locs never move: their gradient and hence Adam's moments are zero
+    assert (guide.locs.w.detach()[~keep] == 0).all()
+
+
+def test_auto_diagonal_normal_is_supported(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoDiagonalNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=300)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    keep = bmr.masks["w"]
+    assert keep[:5].all() and (~keep[5:]).sum() >= 40
+    assert (guide.loc.detach()[~keep] == 0).all()
+    samples = Predictive(bmr(regression_model), guide=bmr(guide), num_samples=10)(X)
+    assert (samples["w"].reshape(10, 50)[:, ~keep] == 0).all()
+    _fit(regression_model, guide, X, y, steps=3, bmr=bmr)
+
+
+def test_non_gaussian_and_constrained_sites_are_listed_not_scored():
+    def model(X, y=None):
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        log_w = pyro.sample("log_w", dist.LogNormal(0.0, 1.0))
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w * log_w, sigma), obs=y)
+
+    X, y = torch.randn(20, 3), torch.randn(20)
+    guide = AutoNormal(model)
+    guide(X, y)
+    report = BayesianModelReduction(guide).reduce(X, y)
+    assert set(report.delta_f) == {"w"}
+    assert "HalfNormal" in report.skipped["sigma"] or "constrained" in report.skipped["sigma"]
+    assert "log_w" in report.skipped
+    with pytest.raises(ValueError, match="'sigma' cannot be reduced"):
+        BayesianModelReduction(guide, sites=["sigma"]).reduce(X, y)
+
+
+def test_priors_with_non_zero_loc_and_per_element_scale_are_read_exactly():
+    prior_loc = torch.tensor([0.5, -1.0, 0.0])
+    prior_scale = torch.tensor([0.3, 2.0, 1.0])
+
+    def model():
+        pyro.sample("w", dist.Normal(prior_loc, prior_scale).to_event(1))
+
+    guide = AutoNormal(model, init_scale=0.05)
+    guide()
+    loc, scale = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+    report = BayesianModelReduction(guide).reduce()
+    expected = delta_f(loc, scale, prior_loc, prior_scale).delta_f
+    assert torch.equal(report.delta_f["w"], expected)
+
+
+def test_hierarchical_prior_is_detected():
+    def model():
+        tau = pyro.sample("tau", dist.HalfCauchy(1.0))
+        pyro.sample("w", dist.Normal(0.0, tau).expand([4]).to_event(1))
+
+    guide = AutoNormal(model)
+    guide()
+    report = BayesianModelReduction(guide).reduce()
+    assert "w" in report.skipped and "LocScaleReparam" in report.skipped["w"]
+
+    reparam = pyro.poutine.reparam(model, {"w": LocScaleReparam(0.0)})
+    guide = AutoNormal(reparam)
+    guide()
+    report = BayesianModelReduction(guide).reduce()
+    assert "w_decentered" in report.delta_f
+
+
+@pytest.mark.parametrize(
+    "guide_type", [AutoDelta, AutoMultivariateNormal], ids=lambda t: t.__name__
+)
+def test_a_guide_that_is_not_mean_field_gaussian_is_rejected(guide_type):
+    with pytest.raises(TypeError, match=f"{guide_type.__name__} is not a mean-field Gaussian"):
+        BayesianModelReduction(guide_type(regression_model))
+
+
+def test_unsupported_guide_and_rule_types_are_rejected():
+    with pytest.raises(TypeError, match="unsupported guide type"):
+        BayesianModelReduction(lambda: None)
+    with pytest.raises(TypeError, match="rule must be a PruningRule"):
+        BayesianModelReduction(AutoNormal(regression_model), rule=0.5)
+
+
+def test_nan_or_non_positive_guide_scale_names_the_site(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    guide(X, y)
+    with torch.no_grad():
+        pyro.param("AutoNormal.scales.w").unconstrained()[3] = float("nan")
+    with pytest.raises(ValueError, match="guide scale of site 'w'"):
+        BayesianModelReduction(guide).reduce(X, y)
+    with torch.no_grad():
+        pyro.param("AutoNormal.scales.w").unconstrained()[3] = -float("inf")  # softplus → 0
+    with pytest.raises(ValueError, match="guide scale of site 'w'"):
+        BayesianModelReduction(guide).reduce(X, y)
+
+
+def test_reduced_prior_too_wide_names_the_site(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model, init_scale=2.0)
+    guide(X, y)
+    bmr = BayesianModelReduction(guide, reduced_scale=100.0, update_posterior=True)
+    with pytest.raises(ValueError, match="too wide for site 'w'"):
+        bmr.reduce(X, y)
+
+
+def test_unknown_site_and_bad_masks_are_rejected(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    guide(X, y)
+    with pytest.raises(ValueError, match="unknown site 'nope'"):
+        BayesianModelReduction(guide, sites=["nope"]).reduce(X, y)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    with pytest.raises(ValueError, match="does not fit site 'w'"):
+        bmr.set_mask("w", torch.ones(49, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        bmr.set_mask("w", torch.ones(50))
+    with pytest.raises(ValueError, match="unknown site 'v'"):
+        bmr.set_mask("v", torch.ones(50, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not fit site 'w'"):
+        bmr.load_state_dict({"masks": {"w": torch.ones(3, dtype=torch.bool)}})
+    # a mask that reaches the handler at run time with a bad shape names the site
+    fresh = BayesianModelReduction(guide)
+    fresh.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
+    with pytest.raises(ValueError, match="does not fit site 'w'"):
+        fresh(regression_model)(X, y)
+
+
+def test_masks_are_cumulative_and_reset_restores(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=200)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    first = bmr.masks["w"].clone()
+    bmr.rule = ThresholdRule(1e9)  # would keep everything
+    report = bmr.reduce(X, y)
+    assert torch.equal(bmr.masks["w"], first)
+    assert report.num_newly_pruned == 0 and report.total_delta_f == 0.0
+    bmr.reset()
+    assert dict(bmr.masks) == {}
+    with pytest.raises(TypeError):
+        bmr.masks["w"] = first  # read-only view
+
+
+def test_state_round_trip_restores_identical_predictions(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=200)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    buffer = io.BytesIO()
+    torch.save({"guide": guide.state_dict(), "bmr": bmr.state_dict()}, buffer)
+    pyro.set_rng_seed(7)
+    before = Predictive(bmr(regression_model), guide=bmr(guide), num_samples=30)(X)["y"]
+
+    pyro.clear_param_store()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    guide2 = AutoNormal(regression_model)
+    guide2(X, y)
+    guide2.load_state_dict(state["guide"])
+    bmr2 = BayesianModelReduction(guide2)
+    bmr2.load_state_dict(state["bmr"])
+    pyro.set_rng_seed(7)
+    after = Predictive(bmr2(regression_model), guide=bmr2(guide2), num_samples=30)(X)["y"]
+    assert torch.equal(before, after)
+    assert torch.equal(bmr2.masks["w"], bmr.masks["w"])
+
+
+def test_soft_reduced_prior_updates_kept_posteriors(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=200)
+    loc, scale = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+    bmr = BayesianModelReduction(guide, reduced_scale=0.1, update_posterior=True)
+    bmr.reduce(X, y)
+    keep = bmr.masks["w"]
+    reduced = delta_f(loc, scale, 0.0, 1.0, 0.0, 0.1)
+    assert torch.allclose(guide.locs.w.detach()[keep], reduced.loc[keep], rtol=1e-5)
+    assert torch.allclose(guide.scales.w.detach()[keep], reduced.scale[keep], rtol=1e-4)
+    assert (guide.locs.w.detach()[~keep] == 0).all()
+    with pytest.raises(ValueError, match="update_posterior needs a soft reduced prior"):
+        BayesianModelReduction(guide, update_posterior=True)
+
+
+def test_handler_works_as_a_context_manager(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=100)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    with bmr:
+        tr = pyro.poutine.trace(guide).get_trace(X, y)
+    assert (tr.nodes["w"]["value"][~bmr.masks["w"]] == 0).all()

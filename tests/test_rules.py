@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from pyro_bmr import SpikeAndSlabRule, ThresholdRule
+
+
+def test_threshold_rule_keeps_where_delta_f_is_at_most_tau():
+    df = torch.tensor([-1.0, 0.0, 0.5, 2.0, float("inf"), -float("inf")])
+    mask = torch.ones(6, dtype=torch.bool)
+    assert ThresholdRule().keep(df, mask).tolist() == [True, True, False, False, False, True]
+    assert ThresholdRule(1.0).keep(df, mask).tolist() == [True, True, True, False, False, True]
+    with pytest.raises(ValueError, match="NaN"):
+        ThresholdRule(float("nan"))
+
+
+def _reference_log_odds(df, mask, a0, b0, iterations):
+    zeta = torch.digamma(torch.tensor(a0, dtype=torch.float64)) - torch.digamma(
+        torch.tensor(b0, dtype=torch.float64)
+    )
+    for _ in range(iterations):
+        q = [float(torch.sigmoid(zeta - d)) if m else 0.0 for d, m in zip(df.tolist(), mask)]
+        alpha = a0 + sum(q)
+        beta = b0 + sum(1 - x for x in q)
+        zeta = torch.digamma(torch.tensor(alpha, dtype=torch.float64)) - torch.digamma(
+            torch.tensor(beta, dtype=torch.float64)
+        )
+    return zeta
+
+
+def test_spike_and_slab_rule_matches_the_fixed_point_iteration():
+    g = torch.Generator().manual_seed(0)
+    df = torch.cat([torch.randn(40, generator=g) + 3.0, -torch.rand(10, generator=g) * 20])
+    df = df.double()
+    mask = torch.ones(50, dtype=torch.bool)
+    mask[:5] = False  # already pruned: enter with q = 0
+    rule = SpikeAndSlabRule(alpha0=2.0, beta0=3.0, num_iterations=7)
+    zeta = rule.log_odds(df, mask)
+    expected = _reference_log_odds(df, mask.tolist(), 2.0, 3.0, 7)
+    assert torch.allclose(zeta, expected, rtol=1e-12)
+    assert torch.equal(rule.keep(df, mask), df <= zeta)
+    # mostly-irrelevant weights make the learned inclusion log-odds negative
+    assert zeta < 0
+    assert rule.keep(df, mask)[-10:].all()
+
+
+def test_spike_and_slab_handles_infinite_delta_f_without_nan():
+    df = torch.tensor([float("inf"), -float("inf"), 0.0])
+    zeta = SpikeAndSlabRule().log_odds(df, torch.ones(3, dtype=torch.bool))
+    assert torch.isfinite(zeta)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha0": 0.0}, "alpha0 must be positive"),
+        ({"beta0": -1.0}, "beta0 must be positive"),
+        ({"num_iterations": 0}, "num_iterations must be >= 1"),
+    ],
+)
+def test_spike_and_slab_rejects_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpikeAndSlabRule(**kwargs)
+
+
+def test_rules_have_a_readable_repr():
+    assert repr(ThresholdRule(0.5)) == "ThresholdRule(threshold=0.5)"
+    assert "alpha0=1.0" in repr(SpikeAndSlabRule())

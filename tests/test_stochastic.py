@@ -1,0 +1,98 @@
+import functools
+
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.optim import Adam
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, StochasticBMR, ThresholdRule
+
+from .models import regression_model
+
+
+@pytest.mark.parametrize("rule", [ThresholdRule(), SpikeAndSlabRule()], ids=repr)
+def test_recovers_the_sparse_support(rule, sparse_regression):
+    X, y, w = sparse_regression
+    guide = AutoNormal(regression_model)
+    trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}), rule=rule)
+    history = trainer.fit(lambda: (X, y), num_epochs=8, steps_per_epoch=100, progress=False)
+    keep = trainer.bmr.masks["w"]
+    signal = w != 0
+    pruned_zeros = (~keep & ~signal).sum().item() / (~signal).sum().item()
+    assert keep[signal].all(), "a true signal was pruned"
+    assert pruned_zeros >= 0.95
+    assert len(history) == 8
+    assert [h["epoch"] for h in history] == list(range(8))
+    assert history[-1]["total_pruned_fraction"] == pytest.approx(1 - keep.float().mean().item())
+    assert history[-1]["pruned_fraction"] == {"w": history[-1]["total_pruned_fraction"]}
+    assert history[0]["total_delta_f"] > 0
+    # the kept coefficients are close to the truth
+    assert torch.allclose(guide.locs.w.detach()[signal], w[signal], atol=0.15)
+
+
+def test_data_loader_reduce_every_and_callback(sparse_regression):
+    X, y, _ = sparse_regression
+    loader = DataLoader(TensorDataset(X, y), batch_size=100, shuffle=True)
+    seen = []
+    trainer = StochasticBMR(
+        regression_model,
+        AutoNormal(regression_model),
+        Adam({"lr": 0.05}),
+        TraceMeanField_ELBO(),
+        reduce_every=2,
+    )
+    trainer.fit(loader, num_epochs=4, progress=False, callback=lambda e, t: seen.append(e))
+    assert seen == [0, 1, 2, 3]
+    assert [h["epoch"] for h in trainer.history] == [1, 3]
+    trainer.fit(loader, num_epochs=2, progress=False)
+    assert trainer.epochs_done == 6 and trainer.history[-1]["epoch"] == 5
+
+
+def test_torch_optim_with_the_elbo_module_pattern(sparse_regression):
+    X, y, w = sparse_regression
+    guide = AutoNormal(regression_model)
+    trainer = StochasticBMR(
+        regression_model, guide, functools.partial(torch.optim.Adam, lr=0.05), Trace_ELBO()
+    )
+    trainer.fit([(X, y)] * 100, num_epochs=4, progress=False)
+    keep = trainer.bmr.masks["w"]
+    assert keep[:5].all() and (~keep[5:]).sum() >= 40
+
+
+def test_same_seed_same_history(sparse_regression):
+    import pyro
+
+    X, y, _ = sparse_regression
+    runs = []
+    for _ in range(2):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        trainer = StochasticBMR(regression_model, AutoNormal(regression_model), Adam({"lr": 0.05}))
+        runs.append(trainer.fit(lambda: (X, y), num_epochs=2, steps_per_epoch=30, progress=False))
+    assert runs[0] == runs[1]
+
+
+def test_bad_arguments_are_rejected(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    with pytest.raises(TypeError, match="optim must be"):
+        StochasticBMR(regression_model, guide, torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    with pytest.raises(ValueError, match="reduce_every"):
+        StochasticBMR(regression_model, guide, Adam({}), reduce_every=0)
+    with pytest.raises(ValueError, match="either rule or bmr"):
+        StochasticBMR(
+            regression_model,
+            guide,
+            Adam({}),
+            rule=ThresholdRule(),
+            bmr=BayesianModelReduction(guide),
+        )
+    with pytest.raises(TypeError, match="loss must be a Pyro ELBO"):
+        StochasticBMR(regression_model, guide, Adam({}), loss="elbo")
+    trainer = StochasticBMR(regression_model, guide, Adam({}))
+    with pytest.raises(ValueError, match="steps_per_epoch is required"):
+        trainer.fit(lambda: (X, y), num_epochs=1)
+    with pytest.raises(ValueError, match="no batch"):
+        trainer.fit([], num_epochs=1, progress=False)
