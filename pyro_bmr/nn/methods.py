@@ -1,0 +1,328 @@
+"""The four methods of Marković, Friston & Kiebel (2023) as one code path.
+
+* ``flat-map`` -- :class:`~pyro_bmr.nn.priors.GaussianPrior` (scale 1) and an
+  ``AutoDelta`` guide (MAP);
+* ``flat-ff`` -- :class:`~pyro_bmr.nn.priors.GaussianPrior` (scale 1) and an
+  ``AutoNormal`` guide;
+* ``tiered-ff`` -- :class:`~pyro_bmr.nn.priors.HorseshoePrior` (regularised
+  horseshoe) and ``AutoNormal`` over every latent site;
+* ``bmr`` -- :class:`~pyro_bmr.nn.priors.LayerScalePrior` (precision
+  :math:`c^{-2} \\sim \\mathrm{Gamma}(2, 2)` per layer) and ``AutoNormal``,
+  trained by :class:`~pyro_bmr.StochasticBMR` with
+  :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.
+
+No method but ``bmr`` prunes.
+
+:func:`fit_method` trains one method and yields an :class:`EpochRecord` after
+every epoch. Metrics are left to :mod:`pyro_bmr.metrics`; a record gives what
+they need through :meth:`EpochRecord.predict_proba` and
+:meth:`EpochRecord.predict_loader`.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.optim import Adam
+from tqdm.auto import tqdm
+
+from pyro_bmr import BayesianModelReduction, Sparsity, SpikeAndSlabRule, StochasticBMR
+
+from .classifier import BayesianClassifier, posterior_means, predict_proba
+from .convert import Predicate
+from .networks import build_network, check_network_name
+from .priors import GaussianPrior, HorseshoePrior, LayerScalePrior, Prior
+
+__all__ = ["METHODS", "EpochRecord", "fit_method", "method_prior"]
+
+#: Names of the methods, in the order of the paper's comparison.
+METHODS = ("flat-map", "flat-ff", "tiered-ff", "bmr")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def method_prior(method: str) -> Prior:
+    """The prior a method puts on the network's parameters.
+
+    :raises ValueError: if ``method`` is not in :data:`METHODS`.
+    """
+    _check_method(method)
+    if method == "tiered-ff":
+        return HorseshoePrior()
+    if method == "bmr":
+        return LayerScalePrior(concentration=2.0, rate=2.0)
+    return GaussianPrior(scale=1.0)
+
+
+class _OnDevice:
+    """A re-iterable view of a loader whose tensors are moved to ``device``."""
+
+    def __init__(self, loader: Iterable, device: torch.device | None) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch in self.loader:
+            yield tuple(
+                t.to(self.device) if self.device is not None else t for t in _as_tuple(batch)
+            )
+
+
+def _as_tuple(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+@dataclass
+class EpochRecord:
+    """The state of one method after one epoch of training.
+
+    ``model`` and ``guide`` are the live objects being trained and the guide's
+    parameters live in Pyro's global param store: read a record (predict, take
+    weight means) before the generator of :func:`fit_method` advances or another
+    method starts.
+
+    :ivar str method: the method's name.
+    :ivar int epoch: the epoch just finished, counting from 1.
+    :ivar float seconds: wall-clock seconds of the epoch's training (including the
+        reduction for ``bmr``; excluding anything done with the record).
+    :ivar float loss: mean over the epoch's steps of the minibatch ELBO loss,
+        which is scaled to the data set size.
+    :ivar BayesianClassifier model: the model.
+    :ivar AutoGuide guide: its fitted guide.
+    :ivar bmr: the :class:`~pyro_bmr.BayesianModelReduction` handler (``bmr`` only).
+    :ivar sparsity: pruned fractions after this epoch's reduction (``bmr`` only).
+    :ivar int num_samples: default number of posterior samples for predictions.
+    """
+
+    method: str
+    epoch: int
+    seconds: float
+    loss: float
+    model: BayesianClassifier
+    guide: AutoGuide
+    bmr: BayesianModelReduction | None = None
+    sparsity: Sparsity | None = None
+    num_samples: int = 100
+
+    def reduced(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """The model and guide to predict with: ``bmr(model), bmr(guide)`` for ``bmr``."""
+        if self.bmr is None:
+            return self.model, self.guide
+        return self.bmr(self.model), self.bmr(self.guide)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.model.buffers())).device
+
+    def _samples(self, num_samples: int | None) -> int:
+        # A point-mass guide gives the same prediction every time.
+        if isinstance(self.guide, AutoDelta):
+            return 1
+        return self.num_samples if num_samples is None else num_samples
+
+    def predict_proba(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        """Posterior-predictive class probabilities ``(N, C)`` for inputs ``x``.
+
+        :param torch.Tensor x: inputs; moved to the model's device.
+        :param int num_samples: guide samples (default :attr:`num_samples`; one for
+            ``flat-map``, whose guide is a point mass).
+        """
+        model, guide = self.reduced()
+        return predict_proba(model, guide, x.to(self._device()), self._samples(num_samples))
+
+    def predict_loader(
+        self, loader: Iterable, num_samples: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and targets over a loader of ``(x, y)`` batches.
+
+        :returns: ``(probs, targets)`` of shapes ``(N, C)`` and ``(N,)``, concatenated
+            over the batches, on the model's device.
+        """
+        probs, targets = [], []
+        for x, y in _OnDevice(loader, self._device()):
+            probs.append(self.predict_proba(x, num_samples))
+            targets.append(y)
+        return torch.cat(probs), torch.cat(targets)
+
+    def weight_means(
+        self, x: torch.Tensor, num_samples: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Posterior means of the network's parameters by site (zeros where pruned).
+
+        :param torch.Tensor x: a batch of inputs for one model call (one example
+            suffices).
+        """
+        model, guide = self.reduced()
+        return posterior_means(
+            model,
+            guide,
+            x.to(self._device()),
+            sites=self.model.random_sites(),
+            num_samples=self._samples(num_samples),
+        )
+
+
+def _dataset_size(loader: Iterable, dataset_size: int | None) -> int:
+    if dataset_size is not None:
+        return dataset_size
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise ValueError("train_loader has no sized .dataset; pass dataset_size")
+    return len(dataset)
+
+
+def _input_shape(loader: Iterable, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(input_shape)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError(
+            "train_loader has no .dataset to read the input shape from; pass input_shape"
+        )
+    return tuple(_as_tuple(dataset[0])[0].shape)
+
+
+def fit_method(
+    method: str,
+    network: str,
+    train_loader: Iterable,
+    *,
+    num_classes: int,
+    num_epochs: int,
+    lr: float = 1e-3,
+    num_samples: int = 100,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    input_shape: Sequence[int] | None = None,
+    dataset_size: int | None = None,
+    network_kwargs: dict[str, Any] | None = None,
+    predicate: Predicate | None = None,
+    init_scale: float = 1e-2,
+    progress: bool = False,
+) -> Iterator[EpochRecord]:
+    """Train one method and yield a record after every epoch.
+
+    Clears Pyro's param store and seeds every generator with ``seed`` first, so the
+    same arguments give bit-identical results on a CPU. The network is built with
+    :func:`~pyro_bmr.nn.networks.build_network`, made Bayesian under
+    :func:`method_prior` and fitted with Adam on the ELBO (``Trace_ELBO``); ``bmr``
+    trains through :class:`~pyro_bmr.StochasticBMR` with
+    :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.
+
+    :param str method: one of :data:`METHODS`.
+    :param str network: a network name for :func:`build_network`.
+    :param train_loader: re-iterable batches ``(x, y)`` (a ``DataLoader``).
+    :param int num_classes: number of classes.
+    :param int num_epochs: number of epochs.
+    :param float lr: Adam learning rate.
+    :param int num_samples: default posterior samples of the records' predictions.
+    :param int seed: random seed.
+    :param device: where to train; batches are moved there. ``None`` keeps the
+        network where it is built and the batches where they are.
+    :param input_shape: shape of one input; default read from ``train_loader.dataset[0]``.
+    :param int dataset_size: default ``len(train_loader.dataset)``.
+    :param dict network_kwargs: extra arguments for the network's constructor.
+    :param predicate: chooses the parameters that become random (default all).
+    :param float init_scale: initial posterior standard deviation of ``AutoNormal``.
+    :param bool progress: show a progress bar.
+    :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
+        training starts when it is first advanced.
+    :raises ValueError: at once, for an unknown method or network, or sizes that
+        cannot be read from the loader.
+    """
+    _check_method(method)
+    check_network_name(network)
+    if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 0:
+        raise ValueError(f"num_epochs must be a non-negative int, got {num_epochs!r}")
+    size = _dataset_size(train_loader, dataset_size)
+    shape = _input_shape(train_loader, input_shape)
+    return _epochs(
+        method,
+        network,
+        train_loader,
+        num_classes=num_classes,
+        num_epochs=num_epochs,
+        lr=lr,
+        num_samples=num_samples,
+        seed=seed,
+        device=device,
+        input_shape=shape,
+        dataset_size=size,
+        network_kwargs=network_kwargs,
+        predicate=predicate,
+        init_scale=init_scale,
+        progress=progress,
+    )
+
+
+def _epochs(
+    method: str,
+    network: str,
+    train_loader: Iterable,
+    *,
+    num_classes: int,
+    num_epochs: int,
+    lr: float,
+    num_samples: int,
+    seed: int,
+    device: str | torch.device | None,
+    input_shape: tuple[int, ...],
+    dataset_size: int,
+    network_kwargs: dict[str, Any] | None,
+    predicate: Predicate | None,
+    init_scale: float,
+    progress: bool,
+) -> Iterator[EpochRecord]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    net = build_network(network, input_shape, num_classes, **(network_kwargs or {}))
+    model = BayesianClassifier(net, dataset_size, method_prior(method), predicate)
+    if device is not None:
+        model = model.to(device)
+    loader = _OnDevice(train_loader, None if device is None else torch.device(device))
+    if method == "flat-map":
+        guide = AutoDelta(model, init_loc_fn=model.init_loc_fn)
+    else:
+        guide = AutoNormal(model, init_loc_fn=model.init_loc_fn, init_scale=init_scale)
+    optim = Adam({"lr": lr})
+    if method == "bmr":
+        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=SpikeAndSlabRule())
+    else:
+        svi = SVI(model, guide, optim, Trace_ELBO())
+
+    for epoch in range(1, num_epochs + 1):
+        start = time.perf_counter()
+        if method == "bmr":
+            trainer.fit(loader, num_epochs=1, progress=progress)
+            loss = trainer.history[-1]["loss"]
+        else:
+            losses = [
+                svi.step(*batch)
+                for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}")
+            ]
+            if not losses:
+                raise ValueError("train_loader yielded no batch")
+            loss = sum(losses) / len(losses)
+        seconds = time.perf_counter() - start
+        bmr = trainer.bmr if method == "bmr" else None
+        yield EpochRecord(
+            method=method,
+            epoch=epoch,
+            seconds=seconds,
+            loss=float(loss),
+            model=model,
+            guide=guide,
+            bmr=bmr,
+            sparsity=None if bmr is None else bmr.sparsity(),
+            num_samples=num_samples,
+        )

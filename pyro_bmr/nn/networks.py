@@ -1,0 +1,120 @@
+"""Ready deterministic networks for image classification and a factory by name.
+
+Every network is a plain ``torch.nn.Module`` mapping ``(N, C, H, W)`` images to
+``(N, num_classes)`` logits; :class:`~pyro_bmr.nn.convert.BayesianModule` makes
+it Bayesian.
+"""
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+from .layers import check_image_shape
+from .mixer import MLPMixer
+from .vit import ViT
+
+__all__ = [
+    "MLP",
+    "LeNet5",
+    "LeNet300100",
+    "MLPMixer",
+    "NETWORKS",
+    "ViT",
+    "build_network",
+    "check_network_name",
+]
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network on flattened inputs.
+
+    :param input_shape: shape of one input, e.g. ``(C, H, W)``; it is flattened.
+    :param int num_classes: number of classes.
+    :param hidden: widths of the hidden layers.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,)
+    ) -> None:
+        widths = [math.prod(int(n) for n in input_shape), *(int(w) for w in hidden)]
+        if min(widths) < 1 or num_classes < 1:
+            raise ValueError(
+                f"MLP widths must be positive, got input_shape {tuple(input_shape)}, "
+                f"hidden {tuple(hidden)}, num_classes {num_classes}"
+            )
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        super().__init__(*layers)
+
+
+class LeNet300100(MLP):
+    """LeNet-300-100 (LeCun et al., 1998): an MLP with hidden widths 300 and 100."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__(input_shape, num_classes, hidden=(300, 100))
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5 with ReLU and max pooling.
+
+    Two 5x5 convolutions (6 and 16 channels; the first padded by 2) each followed
+    by 2x2 max pooling, then fully connected layers of 120 and 84 units.
+
+    :param input_shape: image shape ``(C, H, W)``, at least 12x12.
+    :param int num_classes: number of classes.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        channels, height, width = check_image_shape(input_shape, "LeNet5")
+        out_h, out_w = (height // 2 - 4) // 2, (width // 2 - 4) // 2
+        if out_h < 1 or out_w < 1:
+            raise ValueError(f"LeNet5 needs images of at least 12x12, got {height}x{width}")
+        super().__init__(
+            nn.Conv2d(channels, 6, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * out_h * out_w, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+
+#: Network constructors by name, each called as ``cls(input_shape, num_classes, **kw)``.
+NETWORKS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "lenet300100": LeNet300100,
+    "vit": ViT,
+    "mixer": MLPMixer,
+}
+
+
+def build_network(
+    name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object
+) -> nn.Module:
+    """Build a deterministic network by name.
+
+    :param str name: one of ``mlp``, ``lenet5``, ``lenet300100``, ``vit``, ``mixer``.
+    :param input_shape: shape of one input image ``(C, H, W)``.
+    :param int num_classes: number of classes.
+    :param kwargs: passed to the network's constructor (e.g. ``hidden`` for ``mlp``,
+        ``patch_size``/``dim``/``depth`` for ``vit`` and ``mixer``).
+    :raises ValueError: if ``name`` is not a known network.
+    """
+    check_network_name(name)
+    return NETWORKS[name](input_shape, num_classes, **kwargs)
+
+
+def check_network_name(name: str) -> None:
+    """Raise a ``ValueError`` listing the choices unless ``name`` is in :data:`NETWORKS`."""
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; choose one of {', '.join(NETWORKS)}")

@@ -1,0 +1,330 @@
+"""Priors that make the parameters of a converted network random.
+
+A :class:`Prior` answers one question: given one layer of a network (a module
+and the parameters of it that were chosen to become random), which
+:class:`~pyro.nn.module.PyroSample` replaces each parameter, and which
+hyper-parameter sites does that need? The converter
+(:class:`~pyro_bmr.nn.convert.BayesianModule`) walks the network and calls the
+prior once per layer, in the style of TyXe's ``priors.py``.
+
+Three priors reproduce the comparison of Marković, Friston & Kiebel (2023):
+
+* :class:`GaussianPrior` -- every element :math:`w \\sim \\mathcal N(0, s^2)`
+  (the *Flat* models);
+* :class:`LayerScalePrior` -- per layer a precision
+  :math:`c^{-2} \\sim \\mathrm{Gamma}(2, 2)` and :math:`w \\sim \\mathcal N(0, c^2)`,
+  written non-centred as :math:`w = c\\,z`, :math:`z \\sim \\mathcal N(0, 1)` (the
+  prior that BMR reduces);
+* :class:`HorseshoePrior` -- the regularised horseshoe of Piironen & Vehtari
+  (2017), non-centred (the *Tiered* model).
+
+The distributions are built lazily, at sampling time, from a zero-dimensional
+buffer ``_prior_anchor`` that the converter registers on every layer, so that
+they follow the layer's device and dtype after ``.to(...)``. They are small
+callable objects rather than lambdas so that a Bayesian network can be deep
+copied and pickled.
+"""
+
+import abc
+from collections.abc import Mapping
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+__all__ = ["Prior", "GaussianPrior", "LayerScalePrior", "HorseshoePrior", "ANCHOR"]
+
+#: Name of the zero-dimensional buffer from which priors take device and dtype.
+ANCHOR = "_prior_anchor"
+
+
+class Prior(abc.ABC):
+    """Base class: turns the chosen parameters of one layer into ``PyroSample`` s.
+
+    Subclasses implement :meth:`apply_`; priors with network-wide
+    hyper-parameters also override :meth:`setup_`.
+
+    :cvar bool decentered: whether the parameter sites are to be sampled
+        through :class:`~pyro.infer.reparam.LocScaleReparam` with
+        ``centered=0``, i.e. as standardised ``<site>_decentered`` sites with a
+        fixed :math:`\\mathcal N(0, 1)` prior. The converter applies the
+        reparameterisation itself.
+    """
+
+    decentered: bool = False
+
+    def setup_(self, root: PyroModule) -> dict[str, float]:
+        """Attach network-wide hyper-parameter sites to ``root``.
+
+        :param PyroModule root: the Bayesian network; it carries the anchor buffer.
+        :returns: the attribute names of the added sites mapped to the constrained
+            value at which a guide should start.
+        """
+        return {}
+
+    @abc.abstractmethod
+    def apply_(
+        self,
+        module: PyroModule,
+        params: Mapping[str, torch.Tensor],
+        *,
+        root: PyroModule,
+        first: bool,
+    ) -> dict[str, float]:
+        """Replace each parameter in ``params`` by a ``PyroSample`` on ``module``.
+
+        :param PyroModule module: the layer; it carries the anchor buffer.
+        :param params: the layer's chosen parameters by attribute name (still set
+            on ``module`` when this is called).
+        :param PyroModule root: the module passed to :meth:`setup_`.
+        :param bool first: whether this is the network's first layer with a
+            weight matrix (``weight`` of dimension two or more).
+        :returns: the attribute names of the added hyper-parameter sites mapped to
+            their starting values.
+        """
+
+
+def _rows(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shape of a per-row (first-dimension) scale and the shape it broadcasts as."""
+    rows = tuple(param.shape[:1])
+    return rows, rows + (1,) * max(param.dim() - 1, 0)
+
+
+def _set_sample(module: PyroModule, name: str, prior: object) -> None:
+    """Add a new ``PyroSample`` attribute, refusing to shadow an existing one."""
+    if name in module._pyro_samples or name in dir(module):
+        raise ValueError(
+            f"cannot add prior site {name!r} to {type(module).__name__}: "
+            "the module already has an attribute of that name"
+        )
+    setattr(module, name, PyroSample(prior))
+
+
+class _Normal:
+    """:math:`\\mathcal N(0, s^2)` of a fixed shape."""
+
+    def __init__(self, shape: torch.Size, scale: float) -> None:
+        self.shape = shape
+        self.scale = scale
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        return dist.Normal(zero, zero + self.scale).expand(self.shape).to_event(len(self.shape))
+
+
+class GaussianPrior(Prior):
+    """Independent :math:`w \\sim \\mathcal N(0, s^2)` on every chosen element.
+
+    :param float scale: the prior standard deviation :math:`s`.
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"GaussianPrior scale must be positive, got {scale!r}")
+        self.scale = float(scale)
+
+    def apply_(self, module, params, *, root, first):
+        for name, param in params.items():
+            setattr(module, name, PyroSample(_Normal(param.shape, self.scale)))
+        return {}
+
+    def __repr__(self) -> str:
+        return f"GaussianPrior(scale={self.scale})"
+
+
+class _Gamma:
+    def __init__(self, concentration: float, rate: float) -> None:
+        self.concentration = concentration
+        self.rate = rate
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        return dist.Gamma(zero + self.concentration, zero + self.rate)
+
+
+class _PrecisionNormal:
+    """:math:`\\mathcal N(0, c^2)` with :math:`c^{-2}` read from another site."""
+
+    def __init__(self, shape: torch.Size, precision: str) -> None:
+        self.shape = shape
+        self.precision = precision
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        scale = getattr(module, self.precision).rsqrt()
+        return dist.Normal(zero, scale).expand(self.shape).to_event(len(self.shape))
+
+
+class LayerScalePrior(Prior):
+    """Gaussian prior with a learned scale per layer.
+
+    Each layer gets a site ``<layer>.prior_precision`` with
+    :math:`c^{-2} \\sim \\mathrm{Gamma}(\\alpha, \\beta)` shared by all its chosen
+    parameters, and each element :math:`w \\sim \\mathcal N(0, c^2)`. The
+    parameter sites are decentered (:attr:`decentered` is ``True``): the network
+    samples :math:`z \\sim \\mathcal N(0, 1)` at ``<site>_decentered`` and uses
+    :math:`w = c z`, so Bayesian model reduction scores :math:`z` against a fixed
+    standard normal prior.
+
+    :param float concentration: :math:`\\alpha` of the Gamma prior on the precision.
+    :param float rate: :math:`\\beta` of the Gamma prior on the precision.
+    :param float init_precision: the precision at which guides start.
+    """
+
+    decentered = True
+    site = "prior_precision"
+
+    def __init__(
+        self, concentration: float = 2.0, rate: float = 2.0, init_precision: float = 1.0
+    ) -> None:
+        for name, value in [
+            ("concentration", concentration),
+            ("rate", rate),
+            ("init_precision", init_precision),
+        ]:
+            if not value > 0:
+                raise ValueError(f"LayerScalePrior {name} must be positive, got {value!r}")
+        self.concentration = float(concentration)
+        self.rate = float(rate)
+        self.init_precision = float(init_precision)
+
+    def apply_(self, module, params, *, root, first):
+        _set_sample(module, self.site, _Gamma(self.concentration, self.rate))
+        for name, param in params.items():
+            setattr(module, name, PyroSample(_PrecisionNormal(param.shape, self.site)))
+        return {self.site: self.init_precision}
+
+    def __repr__(self) -> str:
+        return f"LayerScalePrior(concentration={self.concentration}, rate={self.rate})"
+
+
+class _HalfCauchy:
+    def __init__(self, shape: tuple[int, ...], scale: float) -> None:
+        self.shape = shape
+        self.scale = scale
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        return dist.HalfCauchy(zero + self.scale).expand(self.shape).to_event(len(self.shape))
+
+
+class _InverseGamma:
+    def __init__(self, concentration: float, rate: float) -> None:
+        self.concentration = concentration
+        self.rate = rate
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        return dist.InverseGamma(zero + self.concentration, zero + self.rate)
+
+
+class _HorseshoeNormal:
+    """:math:`\\mathcal N(0, \\tilde\\lambda^2)` with the regularised horseshoe scale."""
+
+    def __init__(
+        self,
+        shape: torch.Size,
+        root: PyroModule,
+        row: str,
+        row_shape: tuple[int, ...],
+        local: str | None,
+    ) -> None:
+        self.shape = shape
+        self.root = root
+        self.row = row
+        self.row_shape = row_shape
+        self.local = local
+
+    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
+        zero = getattr(module, ANCHOR)
+        tau = getattr(self.root, HorseshoePrior.global_site)
+        slab = getattr(self.root, HorseshoePrior.slab_site)
+        lam = getattr(module, self.row).reshape(self.row_shape)
+        if self.local is not None:
+            lam = lam * getattr(module, self.local)
+        tau_lam_sq = (tau * lam).square()
+        scale = (slab * tau_lam_sq / (slab + tau_lam_sq)).sqrt()
+        return dist.Normal(zero, scale).expand(self.shape).to_event(len(self.shape))
+
+
+class HorseshoePrior(Prior):
+    """Regularised horseshoe (Piironen & Vehtari, 2017), non-centred.
+
+    With a global scale :math:`\\tau \\sim \\mathcal C^+(0, \\tau_0)` (site
+    ``horseshoe_global_scale``), a slab variance
+    :math:`c^2 \\sim \\mathrm{InvGamma}(2, 6)` (site ``horseshoe_slab_variance``),
+    per layer and parameter a local scale per row (output unit or filter)
+    :math:`\\lambda_i \\sim \\mathcal C^+(0, 1)` (site ``<layer>.<param>_row_scale``;
+    a bias shares its weight's row scales) and, on the first layer with a weight
+    matrix, also a local scale per weight :math:`\\lambda_{ij} \\sim \\mathcal C^+(0, 1)`
+    (site ``<layer>.weight_local_scale``, multiplied into :math:`\\lambda`), each
+    element is
+
+    .. math::
+
+        w = \\tilde\\lambda z, \\quad z \\sim \\mathcal N(0, 1), \\quad
+        \\tilde\\lambda^2 = \\frac{c^2 \\tau^2 \\lambda^2}{c^2 + \\tau^2 \\lambda^2}.
+
+    The parameter sites are decentered (:attr:`decentered` is ``True``).
+
+    :param float global_scale: :math:`\\tau_0`, the scale of the half-Cauchy
+        prior on the global scale.
+    :param float slab_concentration: shape of the inverse-Gamma slab prior.
+    :param float slab_rate: rate of the inverse-Gamma slab prior.
+    """
+
+    decentered = True
+    global_site = "horseshoe_global_scale"
+    slab_site = "horseshoe_slab_variance"
+
+    def __init__(
+        self, global_scale: float = 1.0, slab_concentration: float = 2.0, slab_rate: float = 6.0
+    ) -> None:
+        for name, value in [
+            ("global_scale", global_scale),
+            ("slab_concentration", slab_concentration),
+            ("slab_rate", slab_rate),
+        ]:
+            if not value > 0:
+                raise ValueError(f"HorseshoePrior {name} must be positive, got {value!r}")
+        self.global_scale = float(global_scale)
+        self.slab_concentration = float(slab_concentration)
+        self.slab_rate = float(slab_rate)
+
+    def _init_slab(self) -> float:
+        # The prior mean where it exists, else the mode.
+        a, b = self.slab_concentration, self.slab_rate
+        return b / (a - 1) if a > 1 else b / (a + 1)
+
+    def setup_(self, root):
+        _set_sample(root, self.global_site, _HalfCauchy((), self.global_scale))
+        _set_sample(root, self.slab_site, _InverseGamma(self.slab_concentration, self.slab_rate))
+        return {self.global_site: self.global_scale, self.slab_site: self._init_slab()}
+
+    def apply_(self, module, params, *, root, first):
+        inits = {}
+        weight = params.get("weight")
+        for name, param in params.items():
+            rows, row_shape = _rows(param)
+            shares_weight_rows = name == "bias" and weight is not None and _rows(weight)[0] == rows
+            row = "weight_row_scale" if shares_weight_rows else f"{name}_row_scale"
+            if row not in inits:
+                _set_sample(module, row, _HalfCauchy(rows, 1.0))
+                inits[row] = 1.0
+            local = None
+            if first and name == "weight":
+                local = "weight_local_scale"
+                _set_sample(module, local, _HalfCauchy(tuple(param.shape), 1.0))
+                inits[local] = 1.0
+            setattr(
+                module,
+                name,
+                PyroSample(_HorseshoeNormal(param.shape, root, row, row_shape, local)),
+            )
+        return inits
+
+    def __repr__(self) -> str:
+        return (
+            f"HorseshoePrior(global_scale={self.global_scale}, "
+            f"slab_concentration={self.slab_concentration}, slab_rate={self.slab_rate})"
+        )

@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyro_bmr import BayesianModelReduction
+from pyro_bmr.nn import (
+    METHODS,
+    NETWORKS,
+    GaussianPrior,
+    HorseshoePrior,
+    LayerScalePrior,
+    fit_method,
+    method_prior,
+)
+
+SMALL = {
+    "mlp": {"hidden": (8,)},
+    "lenet5": {},
+    "lenet300100": {},
+    "vit": {"dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8},
+    "mixer": {"dim": 8, "depth": 1, "token_dim": 4, "channel_dim": 8},
+}
+
+
+def _dataset(n=8, shape=(1, 16, 16)):
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(n, *shape, generator=generator), torch.arange(n) % 3)
+
+
+def _fit(method, network="mlp", num_epochs=1, seed=0, batch_size=8, **kwargs):
+    loader = DataLoader(_dataset(), batch_size=batch_size, shuffle=True)
+    return list(
+        fit_method(
+            method,
+            network,
+            loader,
+            num_classes=3,
+            num_epochs=num_epochs,
+            lr=1e-2,
+            num_samples=2,
+            seed=seed,
+            network_kwargs=SMALL[network],
+            **kwargs,
+        )
+    )
+
+
+def test_methods_are_the_papers_four():
+    assert METHODS == ("flat-map", "flat-ff", "tiered-ff", "bmr")
+    assert isinstance(method_prior("flat-map"), GaussianPrior)
+    assert isinstance(method_prior("flat-ff"), GaussianPrior)
+    assert isinstance(method_prior("tiered-ff"), HorseshoePrior)
+    prior = method_prior("bmr")
+    assert isinstance(prior, LayerScalePrior)
+    assert (prior.concentration, prior.rate) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_every_network(method, network):
+    (record,) = _fit(method, network)
+    assert (record.method, record.epoch) == (method, 1)
+    assert math.isfinite(record.loss) and record.seconds > 0
+    assert isinstance(record.guide, AutoDelta if method == "flat-map" else AutoNormal)
+    x, _ = _dataset()[:4]
+    probs = record.predict_proba(x)
+    assert probs.shape == (4, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    latents = set(record.guide.median())
+    assert latents == set(record.model.latent_sites())
+    if method == "bmr":
+        assert isinstance(record.bmr, BayesianModelReduction)
+        decentered = {name + "_decentered" for name in record.model.random_sites()}
+        assert set(record.bmr.masks) == decentered
+        assert 0.0 <= record.sparsity.total <= 1.0
+    else:
+        assert record.bmr is None and record.sparsity is None
+
+
+def test_bmr_records_prune_and_weight_means_show_it():
+    records = _fit("bmr", num_epochs=2)
+    assert [r.epoch for r in records] == [1, 2]
+    record = records[-1]
+    assert record.sparsity.total > 0
+    x, _ = _dataset()[:1]
+    means = record.weight_means(x, num_samples=2)
+    for name, mean in means.items():
+        mask = record.bmr.masks[name + "_decentered"]
+        assert torch.all(mean[~mask] == 0)
+    probs, targets = record.predict_loader(DataLoader(_dataset(), batch_size=3))
+    assert probs.shape == (8, 3) and torch.equal(targets, torch.arange(8) % 3)
+
+
+@pytest.mark.parametrize("method", ["flat-ff", "bmr"])
+def test_same_seed_gives_bit_identical_results(method):
+    x, _ = _dataset()[:4]
+
+    def run(seed):
+        records = _fit(method, num_epochs=2, seed=seed, batch_size=4)
+        torch.manual_seed(123)
+        return [r.loss for r in records], records[-1].predict_proba(x)
+
+    losses, probs = run(seed=5)
+    again_losses, again_probs = run(seed=5)
+    assert losses == again_losses
+    assert torch.equal(probs, again_probs)
+    other_losses, _ = run(seed=6)
+    assert other_losses != losses
+
+
+def test_flat_map_predicts_with_one_sample():
+    (record,) = _fit("flat-map")
+    x, _ = _dataset()[:4]
+    assert torch.equal(record.predict_proba(x, num_samples=5), record.predict_proba(x))
+
+
+def test_unknown_names_are_refused():
+    loader = DataLoader(_dataset(), batch_size=8)
+    with pytest.raises(ValueError, match="unknown method 'mcmc'; choose one of flat-map, flat-ff"):
+        fit_method("mcmc", "mlp", loader, num_classes=3, num_epochs=1)
+    with pytest.raises(ValueError, match="unknown network 'resnet'; choose one of mlp"):
+        fit_method("bmr", "resnet", loader, num_classes=3, num_epochs=1)
+    with pytest.raises(ValueError, match="dataset_size"):
+        fit_method("bmr", "mlp", [_dataset()[:8]], num_classes=3, num_epochs=1)
+    with pytest.raises(ValueError, match="num_epochs"):
+        fit_method("bmr", "mlp", loader, num_classes=3, num_epochs=-1)
