@@ -3,6 +3,11 @@ import pytest
 import torch
 
 
+# The tests' tensors are small: on two cores, a second intra-op thread mostly
+# waits, and on a busy machine it makes SVI steps many times slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     """Every test starts from an empty param store and fixed seeds."""

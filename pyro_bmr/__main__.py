@@ -1,0 +1,8 @@
+"""``python -m pyro_bmr``: the ``pyro-bmr`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The ``pyro-bmr`` command (also ``python -m pyro_bmr``).
+
+``pyro-bmr run`` compares the paper's methods on an image data set with
+:func:`~pyro_bmr.experiments.run_comparison`, prints the final numbers as a table
+and writes ``results.json`` and the four figures with
+:func:`~pyro_bmr.experiments.write_outputs`. Bad options end in a one-line usage
+error (exit code 2), a missing data set in a message that names the expected
+files (exit code 1); neither prints a traceback.
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .data import DATASETS, DEFAULT_DATA_DIR, DatasetNotFoundError, load_dataset
+from .experiments import (
+    DEFAULTS,
+    OUTPUT_FILES,
+    format_table,
+    resolve_device,
+    run_comparison,
+    write_outputs,
+)
+from .nn import METHODS, NETWORKS
+
+__all__ = ["build_parser", "main"]
+
+_DESCRIPTION = """\
+Bayesian sparsification by Bayesian model reduction (Markovic, Friston & Kiebel, 2023):
+train Bayesian networks with the paper's methods and compare them."""
+
+_RUN_DESCRIPTION = f"""\
+Train each method on a data set, evaluate it on the test split after every epoch, print a
+table of the final test accuracy, NLL, ECE, pruned fraction and seconds per epoch, and write
+{", ".join(OUTPUT_FILES)} to --out.
+
+Methods: flat-map (Gaussian prior, MAP), flat-ff (Gaussian prior, fully factorised
+posterior), tiered-ff (regularised horseshoe prior), bmr (stochastic Bayesian model
+reduction with the spike-and-slab rule). With no options the comparison runs on
+scikit-learn's 8x8 digits, which needs no download, in under a minute on two CPU cores."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    data = run.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=DEFAULTS["dataset"],
+        help="data set (default: %(default)s; digits needs no files)",
+    )
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help=f"directory holding the torchvision files, e.g. DIR/MNIST/raw "
+        f"(default: ./{DEFAULT_DATA_DIR})",
+    )
+    data.add_argument(
+        "--download",
+        action="store_true",
+        help="download a missing torchvision data set into --data-dir (digits needs none)",
+    )
+    data.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="use only the first N training examples (default: all)",
+    )
+    data.add_argument(
+        "--test-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="use only the first N test examples (default: all)",
+    )
+
+    model = run.add_argument_group("model and methods")
+    model.add_argument(
+        "--model",
+        choices=tuple(NETWORKS),
+        default=DEFAULTS["model"],
+        help="network (default: %(default)s)",
+    )
+    model.add_argument(
+        "--hidden",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="WIDTH",
+        help="hidden-layer widths of the mlp (default: 128)",
+    )
+    model.add_argument(
+        "--methods",
+        choices=METHODS,
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to compare, in order; choose from {', '.join(METHODS)} (default: all)",
+    )
+
+    train = run.add_argument_group("training and evaluation")
+    train.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=DEFAULTS["epochs"],
+        help="training epochs per method (default: %(default)s)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULTS["batch_size"],
+        help="training batch size (default: %(default)s)",
+    )
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=DEFAULTS["lr"],
+        help="Adam learning rate (default: %(default)s)",
+    )
+    train.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=DEFAULTS["samples"],
+        help="posterior samples per test prediction (default: %(default)s)",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=DEFAULTS["eval_every"],
+        metavar="K",
+        help="evaluate every K epochs and after the last (default: %(default)s)",
+    )
+    train.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=DEFAULTS["seed"],
+        help="random seed; the same seed gives the same results (default: %(default)s)",
+    )
+    train.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="CPU threads of torch's operations (default: %(default)s: these networks' "
+        "tensors are small, and threads that wait on one another on a busy machine cost "
+        "more than they gain)",
+    )
+    train.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to train (default: cuda if available, else cpu)",
+    )
+
+    output = run.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        default="pyro-bmr-results",
+        metavar="DIR",
+        help="output directory, created if needed (default: %(default)s)",
+    )
+    output.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pyro-bmr`` and its ``run`` subcommand."""
+    parser = argparse.ArgumentParser(prog="pyro-bmr", description=_DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="compare the sparsification methods on a data set",
+        description=_RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_arguments(run)
+    # Usage errors found after parsing are reported by the subcommand's parser.
+    run.set_defaults(command_parser=run)
+    return parser
+
+
+def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if len(set(args.methods)) != len(args.methods):
+        parser.error(f"argument --methods: a method is repeated in {' '.join(args.methods)}")
+    if args.hidden is not None and args.model != "mlp":
+        parser.error(f"argument --hidden: applies to --model mlp only, not {args.model}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested, but CUDA is not available")
+
+
+def _run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    try:
+        data = load_dataset(
+            args.dataset,
+            args.data_dir,
+            args.download,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            device=device,
+        )
+    except (DatasetNotFoundError, ValueError) as error:
+        # Missing or malformed files, or more examples asked for than there are.
+        print(f"pyro-bmr: error: {error}", file=sys.stderr)
+        return 1
+    results, weights = run_comparison(
+        data,
+        args.model,
+        args.methods,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        samples=args.samples,
+        seed=args.seed,
+        device=device,
+        data_dir=args.data_dir,
+        hidden=args.hidden,
+        eval_every=args.eval_every,
+        progress=not args.no_progress,
+    )
+    config = results["config"]
+    print(
+        f"\n{config['dataset']} ({config['train_size']} train, {config['test_size']} test), "
+        f"{config['model']}, {config['epochs']} epochs, seed {config['seed']}, "
+        f"{config['device']}; test set after the last epoch:\n"
+    )
+    print(format_table(results))
+    paths = write_outputs(results, weights, args.out)
+    print(f"\nwrote {', '.join(paths)} to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``pyro-bmr`` with ``argv`` (default ``sys.argv[1:]``).
+
+    :returns: the exit code: 0 on success, 1 if the data cannot be loaded, 2 for
+        invalid options (after argparse has printed the usage error); ``--help``
+        prints the help and returns 0.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_run(args.command_parser, args)
+    except SystemExit as exit_:
+        # argparse exits after --help (0) and after printing a usage error (2).
+        return exit_.code if isinstance(exit_.code, int) else 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
