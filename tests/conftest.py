@@ -2,7 +2,6 @@ import pyro
 import pytest
 import torch
 
-
 # The tests' tensors are small: on two cores, a second intra-op thread mostly
 # waits, and on a busy machine it makes SVI steps many times slower.
 torch.set_num_threads(1)
