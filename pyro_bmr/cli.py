@@ -23,6 +23,7 @@ from .experiments import (
     run_comparison,
     write_outputs,
 )
+from .guides import GUIDES
 from .nn import METHODS, NETWORKS
 
 __all__ = ["build_parser", "main"]
@@ -164,6 +165,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="evaluate every K epochs and after the last (default: %(default)s)",
     )
     train.add_argument(
+        "--guide",
+        choices=GUIDES,
+        default="auto",
+        help="mean-field guide of the Gaussian methods: Pyro's AutoNormal (auto), "
+        "pyro_bmr's MeanFieldGuide (mean-field), or the latter with local "
+        "reparameterisation (local) (default: %(default)s)",
+    )
+    train.add_argument(
         "--seed",
         type=_non_negative_int,
         default=DEFAULTS["seed"],
@@ -249,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         eval_every=args.eval_every,
         progress=not args.no_progress,
+        guide=args.guide,
     )
     config = results["config"]
     print(

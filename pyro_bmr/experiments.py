@@ -191,6 +191,7 @@ def run_comparison(
     hidden: Sequence[int] | None = None,
     eval_every: int = DEFAULTS["eval_every"],
     progress: bool = False,
+    guide: str = "auto",
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -226,6 +227,8 @@ def run_comparison(
         :class:`~pyro_bmr.nn.MLP`).
     :param int eval_every: epochs between evaluations.
     :param bool progress: show a progress bar per method (on stderr).
+    :param str guide: mean-field guide of the Gaussian methods (see
+        :func:`~pyro_bmr.nn.fit_method`): ``"auto"``, ``"mean-field"`` or ``"local"``.
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown data set, network or method, or a
@@ -280,6 +283,7 @@ def run_comparison(
         "seed": seed,
         "device": device.type,
         "eval_every": eval_every,
+        "guide": guide,
         "train_size": len(data.train),
         "test_size": len(data.test),
         "num_classes": data.num_classes,
@@ -311,6 +315,7 @@ def run_comparison(
             seed=seed,
             device=device,
             network_kwargs=network_kwargs,
+            guide=guide,
         )
         bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
         with bar:

@@ -129,6 +129,7 @@ def _error_of(capsys, argv):
         (["--threads", "0"], "argument --threads: expected a positive integer"),
         (["--model", "lenet5", "--hidden", "8"], "argument --hidden: applies to --model mlp"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--guide", "fast"], "argument --guide: invalid choice: 'fast'"),
     ],
 )
 def test_bad_options_are_one_line_usage_errors(argv, match, capsys):
@@ -197,3 +198,12 @@ def test_python_dash_m_runs_the_command():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: pyro-bmr")
     assert "run" in proc.stdout
+
+
+def test_local_reparameterisation_guide_is_one_option(tmp_path):
+    out = tmp_path / "local"
+    assert _run(out, "--epochs", "1", "--methods", "flat-ff", "bmr", "--guide", "local") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["guide"] == "local"
+    for curve in results["methods"].values():
+        assert all(math.isfinite(v) for v in curve["accuracy"] + curve["nll"])

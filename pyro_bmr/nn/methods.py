@@ -21,17 +21,19 @@ they need through :meth:`EpochRecord.predict_proba` and
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuide, AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
 from pyro_bmr import BayesianModelReduction, Sparsity, SpikeAndSlabRule, StochasticBMR
+from pyro_bmr.guides import GUIDES, make_guide
 
 from .classifier import BayesianClassifier, posterior_means, predict_proba
 from .convert import Predicate
@@ -209,6 +211,7 @@ def fit_method(
     predicate: Predicate | None = None,
     init_scale: float = 1e-2,
     progress: bool = False,
+    guide: str = "auto",
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -235,6 +238,11 @@ def fit_method(
     :param predicate: chooses the parameters that become random (default all).
     :param float init_scale: initial posterior standard deviation of ``AutoNormal``.
     :param bool progress: show a progress bar.
+    :param str guide: the mean-field guide of the Gaussian methods, one of
+        :data:`~pyro_bmr.guides.GUIDES`: ``"auto"`` (Pyro's ``AutoNormal``),
+        ``"mean-field"`` (:class:`~pyro_bmr.guides.MeanFieldGuide`) or ``"local"``
+        (the same with local reparameterisation). ``flat-map`` always uses
+        ``AutoDelta``.
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method or network, or sizes that
@@ -242,6 +250,8 @@ def fit_method(
     """
     _check_method(method)
     check_network_name(network)
+    if guide not in GUIDES:
+        raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)}")
     if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 0:
         raise ValueError(f"num_epochs must be a non-negative int, got {num_epochs!r}")
     size = _dataset_size(train_loader, dataset_size)
@@ -262,6 +272,7 @@ def fit_method(
         predicate=predicate,
         init_scale=init_scale,
         progress=progress,
+        guide_kind=guide,
     )
 
 
@@ -282,6 +293,7 @@ def _epochs(
     predicate: Predicate | None,
     init_scale: float,
     progress: bool,
+    guide_kind: str,
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -291,9 +303,11 @@ def _epochs(
         model = model.to(device)
     loader = _OnDevice(train_loader, None if device is None else torch.device(device))
     if method == "flat-map":
-        guide = AutoDelta(model, init_loc_fn=model.init_loc_fn)
+        guide, training = AutoDelta(model, init_loc_fn=model.init_loc_fn), nullcontext()
     else:
-        guide = AutoNormal(model, init_loc_fn=model.init_loc_fn, init_scale=init_scale)
+        guide, training = make_guide(
+            model, guide_kind, init_loc_fn=model.init_loc_fn, init_scale=init_scale
+        )
     optim = Adam({"lr": lr})
     if method == "bmr":
         trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=SpikeAndSlabRule())
@@ -302,17 +316,18 @@ def _epochs(
 
     for epoch in range(1, num_epochs + 1):
         start = time.perf_counter()
-        if method == "bmr":
-            trainer.fit(loader, num_epochs=1, progress=progress)
-            loss = trainer.history[-1]["loss"]
-        else:
-            losses = [
-                svi.step(*batch)
-                for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}")
-            ]
-            if not losses:
-                raise ValueError("train_loader yielded no batch")
-            loss = sum(losses) / len(losses)
+        with training:
+            if method == "bmr":
+                trainer.fit(loader, num_epochs=1, progress=progress)
+                loss = trainer.history[-1]["loss"]
+            else:
+                losses = [
+                    svi.step(*batch)
+                    for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}")
+                ]
+                if not losses:
+                    raise ValueError("train_loader yielded no batch")
+                loss = sum(losses) / len(losses)
         seconds = time.perf_counter() - start
         bmr = trainer.bmr if method == "bmr" else None
         yield EpochRecord(
