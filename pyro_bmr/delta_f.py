@@ -45,6 +45,8 @@ from typing import NamedTuple, Union
 
 import torch
 
+from pyro_bmr._kernels import spike_constants, spike_delta_f
+
 Number = Union[float, torch.Tensor]
 
 __all__ = ["DeltaF", "delta_f"]
@@ -99,6 +101,8 @@ def delta_f(
     )
     if validate:
         _validate_scales(sigma, s, s_red)
+    if not isinstance(reduced_scale, torch.Tensor) and reduced_scale == 0:
+        return _spike(mu, sigma, m, s, m_red, s_red)
     result, post_loc, post_scale, invalid, unsafe = _direct(mu, sigma, m, s, m_red, s_red)
     if validate and bool(invalid.any()):
         raise ValueError(
@@ -111,6 +115,22 @@ def delta_f(
             (result, post_loc, post_scale), unsafe, (mu, sigma, m, s, m_red, s_red)
         )
     return DeltaF(result, post_loc, post_scale)
+
+
+def _spike(mu, sigma, m, s, m_red, s_red) -> DeltaF:
+    """:func:`delta_f` under the point mass (``s_red`` zero): the Savage–Dickey
+    ratio, the same operations as :func:`_direct` there without the terms that
+    vanish, and with an exact reduced posterior (``m_red`` and 0)."""
+    shape = torch.broadcast_shapes(*(x.shape for x in (mu, sigma, m, s, m_red, s_red)))
+    log_s, d_priors_sq = spike_constants(m, s, m_red)
+    result = spike_delta_f(mu, sigma, log_s, d_priors_sq, m_red)
+    if result.shape != shape:
+        result = result.expand(shape).clone()
+    unsafe = ~torch.isfinite(result)
+    if bool(unsafe.any()):
+        (result,) = _repair((result,), unsafe, (mu, sigma, m, s, m_red, s_red))
+    post_loc = m_red.expand(shape).clone()
+    return DeltaF(result, post_loc, torch.zeros_like(post_loc))
 
 
 def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
@@ -137,7 +157,7 @@ def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
     unsafe = ~finite | (kappa < torch.finfo(result.dtype).tiny)
     # κ > 0 unless the reduced prior is wider than the full one (w < 0) by enough;
     # decided without forming κ, which can underflow
-    invalid = (w < 0) & (b <= a * torch.sqrt(-w))
+    invalid = (w < 0) & (b <= a * torch.sqrt(torch.clamp(-w, min=0)))
     return result, post_loc, post_scale, invalid, unsafe
 
 
@@ -220,7 +240,9 @@ def _log_domain(mu, sigma, m, s, m_red, s_red) -> tuple:
     log_kappa = torch.where(w >= 0, log_kappa_pos, log_kappa_neg)
 
     l_red = 2 * (_log_abs_diff(mu, m_red) - log_g)
-    l_full = 2 * (_log_abs_diff(mu, m) - log_s + lb)
+    # ln b/s as ln(s̃/s) − ln g (= lb − ln s): exact when s̃ = s, where κ = b² can
+    # underflow and any rounding left in l_red − l_full is multiplied by 1/κ
+    l_full = 2 * (_log_abs_diff(mu, m) + lt - log_g)
     l_priors = 2 * (la + _log_abs_diff(m_red, m) - log_s)
     sign, log_num = _signed_exp_diff(l_red, torch.logaddexp(l_full, l_priors))
     half_quad = sign * torch.exp(log_num - log_kappa - 0.6931471805599453)

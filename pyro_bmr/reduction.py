@@ -5,6 +5,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 
+from pyro_bmr import _kernels
+from pyro_bmr._kernels import spike_constants
 from pyro_bmr.delta_f import _as_tensors, _direct, _repair
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
 from pyro_bmr.prune_messenger import PruneMessenger
@@ -101,6 +103,7 @@ class BayesianModelReduction(PruneMessenger):
         site_masks = dict(self._masks)
         site_masks.update(self.posterior.guide_masks(self._masks))
         self._site_masks = site_masks
+        self._forget_float_masks()
 
     def sites(self, *args, **kwargs) -> Dict[str, GaussianSite]:
         """The reducible sites, found by tracing the model with these arguments
@@ -163,77 +166,170 @@ class BayesianModelReduction(PruneMessenger):
 
         The model is traced once (on the first call) with ``*args, **kwargs`` to find
         its Gaussian sites; ΔF is computed for all of them on the parameters' device
-        with one host synchronisation in total.
+        with one host synchronisation in total (two for rules whose threshold depends
+        on ΔF, such as :class:`~pyro_bmr.SpikeAndSlabRule`). Under the default point
+        mass, ΔF, the threshold and the counts of a site are one fused pass (see
+        :mod:`pyro_bmr._kernels`).
 
         :returns: the :class:`~pyro_bmr.ReductionReport`.
         :raises ValueError: naming the site, for non-finite or non-positive guide
             scales or a reduced prior too wide for the posterior.
         """
         sites = self.sites(*args, **kwargs)
-        scores, flags = {}, []
-        for name, site in sites.items():
-            loc, scale = self.posterior.loc_scale(name)
-            mu, sigma, m, s, m_red, s_red = _as_tensors(
-                loc, scale, site.prior_loc, site.prior_scale, self.reduced_loc, self.reduced_scale
-            )
-            out = _direct(mu, sigma, m, s, m_red, s_red, posterior=self.update_posterior)
-            bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
-            flags.append(torch.stack([bad_scale, out[3].any(), out[4].any()]))
-            scores[name] = (out, (mu, sigma, m, s, m_red, s_red))
-        flags = torch.stack(flags).cpu() if flags else torch.zeros(0, 3, dtype=torch.bool)
-        for (name, (out, inputs)), (bad_scale, too_wide, unsafe) in zip(scores.items(), flags):
-            if bad_scale:
-                raise ValueError(
-                    f"guide scale of site {name!r} has NaN, inf or non-positive values"
-                )
-            if too_wide:
-                raise ValueError(
-                    f"reduced prior (scale {self.reduced_scale}) is too wide for site {name!r}: "
-                    "the reduced posterior precision is not positive"
-                )
-            if unsafe:
-                repaired = _repair((out[0], out[1], out[2]), out[4], inputs)
-                scores[name] = (repaired, inputs)
+        work = sum(site.numel() for site in sites.values())
+        scored = [self._score(name, site, work) for name, site in sites.items()]
+        if scored:
+            flags = torch.stack([site.flags for site in scored]).cpu().tolist()
+            for site, flag in zip(scored, flags):
+                self._check(site, flag)
+        pending = [site for site in scored if site.stats is None]
+        for site in pending:
+            self._decide(site, work)
+        if pending:
+            for site, stats in zip(pending, torch.stack([s.stats for s in pending]).cpu()):
+                site.stats = stats
 
-        report_df, newly, new_df, pruned = {}, [], [], []
-        for name, (out, _) in scores.items():
-            df = out[0]
-            old = self._masks.get(name)
-            if old is None:
-                old = torch.ones(df.shape, dtype=torch.bool, device=df.device)
-            keep = self.rule.keep(df, old) & old
-            dropped = old & ~keep
-            newly.append(dropped.sum())
-            new_df.append(torch.where(dropped, df, torch.zeros_like(df)).sum().double())
-            pruned.append((~keep).sum())
-            zero = torch.zeros((), dtype=df.dtype, device=df.device)
-            self.posterior.assign(name, ~keep, zero, None)
+        report_df, newly, pruned, gained = {}, 0, 0, 0.0
+        for site in scored:
+            old_count, kept, newly_df = (float(x) for x in site.stats[:3])
+            newly += int(old_count) - int(kept)
+            pruned += site.numel - int(kept)
+            gained += newly_df
+            zero = torch.zeros((), dtype=site.df.dtype, device=site.df.device)
+            self.posterior.assign(site.name, site.pruned, zero, None)
             if self.update_posterior:
-                self.posterior.assign(name, keep, out[1], out[2])
-            self._masks[name] = keep
-            report_df[name] = df
+                self.posterior.assign(site.name, site.keep, site.post[0], site.post[1])
+            self._masks[site.name] = site.keep
+            report_df[site.name] = site.df.view(site.shape)
         self._refresh()
-        totals = (
-            torch.stack([torch.stack(newly).cpu(), torch.stack(pruned).cpu()]).sum(1).tolist()
-            if scores
-            else [0, 0]
-        )
-        gained = float(torch.stack(new_df).sum()) if scores else 0.0
         return ReductionReport(
             delta_f=report_df,
-            num_pruned=int(totals[1]),
-            num_newly_pruned=int(totals[0]),
-            num_elements=sum(site.numel() for site in sites.values()),
+            num_pruned=pruned,
+            num_newly_pruned=newly,
+            num_elements=work,
             total_delta_f=gained,
             skipped=dict(self._skipped),
+        )
+
+    def _score(self, name: str, site: GaussianSite, work: int) -> "_Scored":
+        """ΔF of one site, with the rule's decision where it can be fused; no sync."""
+        loc, scale = self.posterior.loc_scale(name)
+        mu, sigma, m, s = _as_tensors(loc, scale, site.prior_loc, site.prior_scale)
+        full = dict(dtype=mu.dtype, device=mu.device)
+        m_red = torch.full((), self.reduced_loc, **full)
+        old = self._masks.get(name)
+        if old is not None:
+            if old.shape != site.shape:
+                raise ValueError(
+                    f"mask of shape {tuple(old.shape)} does not fit site {name!r} of shape "
+                    f"{tuple(site.shape)}"
+                )
+            old = old.to(mu.device)
+        out = _Scored(name, site.shape, old)
+        nan = torch.full((4,), float("nan"), dtype=torch.float64, device=mu.device)
+        if self.reduced_scale == 0:
+            out.inputs = (mu, sigma, m, s, m_red, torch.zeros((), **full))
+            terms = spike_constants(m, s, m_red, site.shape)
+            flat = (mu.reshape(-1), sigma.reshape(-1)) + terms + (m_red,)
+            tau = self.rule._static_threshold()
+            if tau is None:
+                out.df, probe = _kernels.spike_probe(*flat, work)
+                stats = nan
+            else:
+                tau = torch.full((), tau, **full)
+                out.df, keep, pruned, stats = _kernels.spike_threshold(
+                    *flat, tau, out.old_bytes(), work
+                )
+                out.set_masks(keep, pruned)
+                probe = stats[3]
+            # a non-finite ΔF (from a bad guide scale, or a value to evaluate in the
+            # log domain) shows as a NaN probe; _check sorts out which
+            bad = torch.isnan(probe).to(torch.float64)
+            out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+            return out
+        out.inputs = (mu, sigma, m, s, m_red, torch.full((), self.reduced_scale, **full))
+        df, post_loc, post_scale, invalid, unsafe = _direct(
+            *out.inputs, posterior=self.update_posterior
+        )
+        out.df, out.unsafe = df.reshape(-1), unsafe
+        if self.update_posterior:
+            out.post = (post_loc, post_scale)
+        bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
+        flags = torch.stack([bad_scale | unsafe.any(), invalid.any()]).to(torch.float64)
+        out.flags = torch.cat([flags, nan])
+        return out
+
+    def _check(self, site: "_Scored", flag: list) -> None:
+        """Raise for bad input, and redo in the log domain the elements whose ΔF left
+        the dtype's range (a rare path: syncs freely)."""
+        suspect, too_wide = flag[0], flag[1]
+        if suspect:
+            sigma = site.inputs[1]
+            if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+                raise ValueError(
+                    f"guide scale of site {site.name!r} has NaN, inf or non-positive values"
+                )
+        if too_wide:
+            raise ValueError(
+                f"reduced prior (scale {self.reduced_scale}) is too wide for site "
+                f"{site.name!r}: the reduced posterior precision is not positive"
+            )
+        if not suspect:
+            site.finite = True
+            if site.keep is not None:
+                site.stats = flag[2:]
+            return
+        df = site.df.view(site.shape)
+        unsafe = site.unsafe if site.unsafe is not None else ~torch.isfinite(df)
+        values = (df,) if site.post is None else (df,) + site.post
+        repaired = _repair(values, unsafe, site.inputs)
+        site.df = repaired[0].reshape(-1)
+        if site.post is not None:
+            site.post = repaired[1:]
+        site.finite = bool(torch.isfinite(site.df).all())
+        site.keep = site.pruned = site.stats = None
+
+    def _decide(self, site: "_Scored", work: int) -> None:
+        """The rule's decision and the counts for a site not decided in the ΔF pass."""
+        tau = None
+        if site.finite:
+            tau = self.rule._static_threshold()
+            if tau is not None:
+                tau = torch.full((), tau, dtype=site.df.dtype, device=site.df.device)
+            else:
+                old_f = None
+                if site.old is not None:
+                    old_f = self._float_mask(site.old, site.df.dtype).reshape(-1)
+                tau = self.rule._site_threshold(site.df, old_f, work)
+        if tau is not None:
+            keep, pruned, site.stats = _kernels.decide(site.df, tau, site.old_bytes(), work)
+            site.set_masks(keep, pruned)
+            return
+        # any other rule, or ΔF with infinities: the rule's own keep, counted exactly
+        df = site.df.view(site.shape)
+        old = site.old
+        if old is None:
+            old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
+        site.keep = self.rule.keep(df, old) & old
+        site.pruned = ~site.keep
+        drop = _kernels.float_mask(old & site.pruned, df.dtype).reshape(-1)
+        f64 = torch.float64
+        site.stats = torch.stack(
+            [
+                old.count_nonzero().to(f64),
+                site.keep.count_nonzero().to(f64),
+                (site.df * drop).nansum().to(f64),  # 0·inf is NaN: not pruned now
+                torch.zeros((), dtype=f64, device=df.device),
+            ]
         )
 
     def sparsity(self) -> Sparsity:
         """Fraction of elements pruned, per masked site and in total."""
         if not self._masks:
             return Sparsity({}, 0.0)
-        counts = torch.stack([(~m).sum() for m in self._masks.values()]).cpu().tolist()
         sizes = [m.numel() for m in self._masks.values()]
+        kept = torch.stack([m.count_nonzero() for m in self._masks.values()]).cpu().tolist()
+        counts = [n - k for n, k in zip(sizes, kept)]
         per_site = {name: c / n for name, c, n in zip(self._masks, counts, sizes)}
         return Sparsity(per_site, sum(counts) / sum(sizes))
 
@@ -267,6 +363,33 @@ class BayesianModelReduction(PruneMessenger):
             loaded[name] = mask.clone()
         self._masks = loaded
         self._refresh()
+
+
+class _Scored:
+    """What :meth:`BayesianModelReduction.reduce` knows about one site as it goes:
+    flat ΔF, the new mask and its complement (bool, the site's shape), and
+    ``stats`` = [kept before, kept after, ΔF summed over the newly pruned, ...]."""
+
+    def __init__(self, name: str, shape: torch.Size, old: Optional[torch.Tensor]) -> None:
+        self.name, self.shape, self.old = name, shape, old
+        self.numel = shape.numel()
+        self.df: torch.Tensor
+        self.flags: torch.Tensor
+        self.inputs: tuple = ()
+        self.keep: Optional[torch.Tensor] = None
+        self.pruned: Optional[torch.Tensor] = None
+        self.stats = None
+        self.post: Optional[tuple] = None
+        self.unsafe: Optional[torch.Tensor] = None
+        self.finite = False
+
+    def old_bytes(self) -> Optional[torch.Tensor]:
+        """The current mask as flat uint8 (a view), as the kernels take it."""
+        return None if self.old is None else self.old.reshape(-1).view(torch.uint8)
+
+    def set_masks(self, keep: torch.Tensor, pruned: torch.Tensor) -> None:
+        self.keep = keep.view(torch.bool).view(self.shape)
+        self.pruned = pruned.view(torch.bool).view(self.shape)
 
 
 class _disabled:

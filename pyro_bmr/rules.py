@@ -7,8 +7,11 @@ model, the guide or the host (no ``.item()``), so a reduction stays on the devic
 """
 
 from abc import ABC, abstractmethod
+from typing import Optional
 
 import torch
+
+from pyro_bmr import _kernels
 
 __all__ = ["PruningRule", "ThresholdRule", "SpikeAndSlabRule"]
 
@@ -31,6 +34,22 @@ class PruningRule(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
 
+    # Rules that keep exactly the elements with ΔF ≤ τ, one τ per site, say so through
+    # these hooks, and the handler then fuses the comparison and its counts into the
+    # pass that computes ΔF. A subclass that overrides ``keep`` is asked nothing.
+
+    def _static_threshold(self) -> Optional[float]:
+        """τ for every site, known before ΔF is; ``None`` if there is none."""
+        return None
+
+    def _site_threshold(
+        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
+    ) -> Optional[torch.Tensor]:
+        """τ (0-dim) for one site from its ΔF and its current mask as 0/1 floats
+        (``None``: nothing pruned yet); ``None`` if the rule is not a threshold.
+        ``work`` is the size of the whole reduction (see :mod:`pyro_bmr._kernels`)."""
+        return None
+
 
 class ThresholdRule(PruningRule):
     """Prune where :math:`\\Delta F > \\tau`.
@@ -47,6 +66,9 @@ class ThresholdRule(PruningRule):
 
     def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return delta_f <= self.threshold
+
+    def _static_threshold(self) -> Optional[float]:
+        return self.threshold if type(self).keep is ThresholdRule.keep else None
 
 
 class SpikeAndSlabRule(PruningRule):
@@ -85,16 +107,32 @@ class SpikeAndSlabRule(PruningRule):
 
     def log_odds(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The learned prior log-odds :math:`\\zeta` of keeping an element (a 0-dim tensor)."""
-        alpha0 = torch.tensor(self.alpha0, dtype=delta_f.dtype, device=delta_f.device)
-        beta0 = torch.tensor(self.beta0, dtype=delta_f.dtype, device=delta_f.device)
+        return self._log_odds(
+            delta_f, _kernels.float_mask(mask.expand(delta_f.shape), delta_f.dtype)
+        )
+
+    def _log_odds(
+        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
+    ) -> torch.Tensor:
+        full = dict(dtype=delta_f.dtype, device=delta_f.device)  # no host-to-device copies
+        alpha0 = torch.full((), self.alpha0, **full)
+        beta0 = torch.full((), self.beta0, **full)
         zeta = torch.digamma(alpha0) - torch.digamma(beta0)
-        n = torch.tensor(delta_f.numel(), dtype=delta_f.dtype, device=delta_f.device)
-        # +inf ΔF (overwhelming evidence for pruning) must give q = 0, not NaN
+        n = torch.full((), delta_f.numel(), **full)
+        # the mask is 0/1 floats: a product, not a select (no branch per element)
+        exp_df = torch.exp(delta_f.reshape(-1))
         for _ in range(self.num_iterations):
-            q = torch.where(mask, torch.sigmoid(zeta - delta_f), torch.zeros_like(delta_f))
-            kept = q.sum()
+            kept = _kernels.keep_probability_sum(zeta, exp_df, mask, work)
             zeta = torch.digamma(alpha0 + kept) - torch.digamma(beta0 + n - kept)
         return zeta
 
     def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return delta_f <= self.log_odds(delta_f, mask)
+
+    def _site_threshold(
+        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
+    ) -> Optional[torch.Tensor]:
+        cls = type(self)
+        if cls.keep is not SpikeAndSlabRule.keep or cls.log_odds is not SpikeAndSlabRule.log_odds:
+            return None
+        return self._log_odds(delta_f, mask, work)

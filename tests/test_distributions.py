@@ -57,3 +57,69 @@ def test_bad_mask_dtype_or_event_dim_is_rejected():
         PrunedNormal(torch.zeros(3), torch.ones(3), torch.ones(3))
     with pytest.raises(ValueError, match="event_dim"):
         PrunedNormal(torch.zeros(3), torch.ones(3), torch.ones(3, dtype=torch.bool), 2)
+
+
+def _reference_log_prob(loc, scale, keep, x, event_dim):
+    lp = torch.where(keep, Normal(loc, scale).log_prob(x), torch.zeros(()))
+    off = ~keep & (x != 0)
+    lp = torch.where(off, torch.full((), -float("inf")), lp)
+    return lp.sum(tuple(range(-event_dim, 0))) if event_dim else lp
+
+
+@pytest.mark.parametrize(
+    "keep_shape", [(4, 5), (5,), (3, 4, 5), (3, 1, 1)], ids=["event", "row", "batch", "per-batch"]
+)
+def test_log_prob_with_batch_dims_matches_the_masked_normal(keep_shape):
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(3, 4, 5, generator=g)
+    scale = torch.rand(4, 5, generator=g) + 0.1
+    keep = torch.rand(keep_shape, generator=g) < 0.5
+    d = PrunedNormal(loc, scale, keep, event_dim=2)
+    x = d.rsample(torch.Size([2]))
+    expected = _reference_log_prob(loc, scale, keep, x, 2)
+    assert d.log_prob(x).shape == (2, 3)
+    assert torch.allclose(d.log_prob(x), expected)
+    fresh = x.clone()  # not the draw: checked element by element
+    assert torch.allclose(d.log_prob(fresh), expected)
+    fresh[..., 1:3, :] = 0.25  # off the spike wherever a pruned element is there
+    off = _reference_log_prob(loc, scale, keep, fresh, 2)
+    assert torch.isinf(off).any()
+    assert torch.equal(torch.isinf(d.log_prob(fresh)), torch.isinf(off))
+    assert torch.allclose(d.log_prob(fresh), off)
+
+
+def test_a_draw_changed_in_place_is_checked_again():
+    keep = torch.tensor([True, False, True, False])
+    d = PrunedNormal(torch.zeros(4), torch.ones(4), keep, event_dim=1)
+    x = d.rsample()
+    view = x.expand(4)  # as Delta passes a guide's draw on to the model
+    expected = Normal(0.0, 1.0).log_prob(x)[keep].sum()
+    assert torch.allclose(d.log_prob(view), expected)
+    other = PrunedNormal(torch.zeros(4), torch.ones(4), keep, event_dim=1)
+    assert torch.allclose(other.log_prob(x), expected)
+    x[1] = 0.5
+    assert d.log_prob(x) == -float("inf")
+    assert d.log_prob(view) == -float("inf")
+
+
+def test_gradients_of_sample_and_log_prob_vanish_where_pruned():
+    loc = torch.randn(6, requires_grad=True)
+    scale = (torch.rand(6) + 0.5).requires_grad_()
+    keep = torch.tensor([True, False, True, True, False, False])
+    d = PrunedNormal(loc, scale, keep, event_dim=1)
+    x = d.rsample()
+    assert torch.equal(x[~keep], torch.zeros(3))
+    (d.log_prob(x) + x.pow(2).sum()).backward()
+    assert torch.equal(loc.grad[~keep], torch.zeros(3))
+    assert torch.equal(scale.grad[~keep], torch.zeros(3))
+    assert (loc.grad[keep] != 0).all()
+
+
+def test_elementwise_log_prob_without_event_dims():
+    keep = torch.tensor([True, False, True])
+    d = PrunedNormal(torch.zeros(3), torch.ones(3), keep)
+    x = torch.tensor([0.3, 0.0, -1.0])
+    lp = d.log_prob(x)
+    assert torch.allclose(lp[keep], Normal(0.0, 1.0).log_prob(x[keep]))
+    assert lp[1] == 0.0
+    assert d.log_prob(torch.tensor([0.3, 0.1, -1.0]))[1] == -float("inf")

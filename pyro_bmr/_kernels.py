@@ -1,0 +1,308 @@
+"""Fused elementwise kernels behind :meth:`BayesianModelReduction.reduce` (private).
+
+Scoring the spike reduced prior, comparing with a threshold and counting what was
+pruned are a handful of elementwise operations per weight. Run one at a time, each
+is a full pass over memory, and on CPU ATen's selects and arithmetic with bool masks
+are slow (the selects branch per element, several times slower than a pass on a
+random mask). So masks travel as uint8 (a free view of a bool tensor) or 0/1 floats,
+decisions are products rather than selects, and the whole chain is one expression
+that ``torch.compile`` fuses into a single pass with its reductions.
+
+Compilation is lazy (the first time a big enough reduction calls a kernel, then
+cached per process) and guarded: if compiling or running a compiled kernel fails, a
+warning is issued and the eager kernels are used on that device from then on. The
+eager kernels compute the same expressions; :func:`spike_delta_f` in eager mode is
+bitwise equal to the general formula of :mod:`pyro_bmr.delta_f` at
+:math:`\\tilde s = 0`, and compiled kernels agree with it to a few ulps.
+
+The environment variable ``PYRO_BMR_COMPILE`` chooses: ``0`` never compiles, ``1``
+compiles whatever the size, ``auto`` (default) compiles when a reduction covers at
+least :data:`COMPILE_MIN_NUMEL` elements, and then for its sites of at least
+:data:`COMPILE_MIN_SITE`: there a first compilation (seconds) is soon repaid, and
+small models (and unit tests) never compile.
+"""
+
+import os
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
+
+import torch
+
+ENV_VAR = "PYRO_BMR_COMPILE"
+#: in ``auto`` mode, compile when a reduction covers at least this many elements...
+COMPILE_MIN_NUMEL = 1 << 20
+#: ...and then for its sites of at least this many (biases are not worth a call)
+COMPILE_MIN_SITE = 1 << 16
+
+_compiled: Dict[Callable, Callable] = {}
+_failed: Set[str] = set()  # device types where compiling failed
+
+
+def compile_mode() -> str:
+    """``"never"``, ``"always"`` or ``"auto"``, from ``PYRO_BMR_COMPILE``."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("0", "false", "off", "no", "never"):
+        return "never"
+    if value in ("1", "true", "on", "yes", "always"):
+        return "always"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"{ENV_VAR} must be 0, 1 or auto, got {value!r}")
+
+
+def _use_compiled(fn: Callable, numel: int, work: int, device: torch.device) -> bool:
+    mode = compile_mode()
+    if mode == "never":
+        return False
+    if mode == "auto" and (work < COMPILE_MIN_NUMEL or numel < COMPILE_MIN_SITE):
+        return False
+    return device.type not in _failed and not torch.compiler.is_compiling()
+
+
+def _run(fn: Callable, eager: Callable, work: Optional[int], like: torch.Tensor, *args):
+    """``fn(*args)`` compiled where worthwhile, else ``eager(*args)`` (same result).
+    ``like`` is a flat input, ``work`` the elements of the whole reduction (default:
+    those of ``like``)."""
+    numel, device = like.numel(), like.device
+    if _use_compiled(fn, numel, numel if work is None else work, device):
+        compiled = _compiled.get(fn)
+        if compiled is None:
+            # a few small kernels: compiling in this process beats starting workers
+            compiled = _compiled[fn] = torch.compile(
+                fn, dynamic=True, options={"compile_threads": 1}
+            )
+        try:
+            return compiled(*args)
+        except Exception as error:  # a missing compiler, an unsupported backend, ...
+            _failed.add(device.type)
+            warnings.warn(
+                f"pyro_bmr: torch.compile failed on {device.type} "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                f"using eager kernels. Set {ENV_VAR}=0 to skip compiling.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return eager(*args)
+
+
+# ---------------------------------------------------------------------------
+# ΔF of the spike: ln s − ln σ − ½((μ − m̃)/σ)² + ½((m̃ − m)/s)²
+
+
+def spike_constants(
+    prior_loc: torch.Tensor,
+    prior_scale: torch.Tensor,
+    reduced_loc: torch.Tensor,
+    shape: Optional[torch.Size] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The terms of the spike ΔF that do not involve the posterior, ``(ln s,
+    ((m̃ − m)/s)²)``, computed once per distinct prior value (a broadcast prior costs
+    one element). With ``shape``, each is returned either 0-dim or flattened over
+    ``shape``, as the flat kernels take them; else broadcastable to the prior."""
+    prior_loc, prior_scale = _compact(prior_loc), _compact(prior_scale)
+    d_priors = (reduced_loc - prior_loc) / prior_scale
+    terms = torch.log(prior_scale), d_priors * d_priors
+    if shape is None:
+        return terms
+    return tuple(t if t.dim() == 0 else t.expand(shape).reshape(-1) for t in terms)
+
+
+def spike_delta_f(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    log_s: torch.Tensor,
+    d_priors_sq: torch.Tensor,
+    reduced_loc: torch.Tensor,
+) -> torch.Tensor:
+    """ΔF of the point mass at ``reduced_loc``, with broadcasting; the operations and
+    their order are those of the general formula at :math:`\\tilde s = 0`, where
+    :math:`g = \\sigma`, :math:`a = \\kappa = 1` and :math:`b = 0`."""
+    d_red = (mu - reduced_loc) / sigma
+    return (log_s - torch.log(sigma)) - 0.5 * (d_red * d_red - d_priors_sq)
+
+
+def _spike_inplace(mu, sigma, log_s, d_priors_sq, reduced_loc) -> torch.Tensor:
+    """:func:`spike_delta_f` for ``mu`` and ``sigma`` of the full shape, in two buffers."""
+    d = torch.sub(mu, reduced_loc).div_(sigma)
+    d.mul_(d).sub_(d_priors_sq).mul_(0.5)
+    out = torch.log(sigma)
+    return torch.sub(log_s, out, out=out).sub_(d)
+
+
+# ---------------------------------------------------------------------------
+# ΔF, the threshold decision and its counts in one pass. Masks go in and out as
+# uint8 0/1 (a bool tensor's ``view(torch.uint8)`` and back, free): compiled CPU code
+# stores bytes fast but bools slowly. ``old`` is the current mask, ``None`` where
+# nothing is pruned yet; ``keep`` the new mask and ``pruned`` its complement.
+# ``stats`` (float64) is [kept before, kept after, ΔF summed over the newly pruned,
+# Σ 0·ΔF]; the last is 0 exactly when every ΔF is finite, and the others are only
+# used then.
+
+
+def _spike_threshold(mu, sigma, log_s, d_priors_sq, reduced_loc, threshold, old):
+    df = spike_delta_f(mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return (df,) + _decide(df, threshold, old)
+
+
+def _spike_threshold_first(mu, sigma, log_s, d_priors_sq, reduced_loc, threshold):
+    df = spike_delta_f(mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return (df,) + _decide_first(df, threshold)
+
+
+def _decide(df, threshold, old):
+    old = old.to(df.dtype)
+    keep = torch.where(df <= threshold, old, torch.zeros_like(old))
+    return _outputs(df, old, keep)
+
+
+def _decide_first(df, threshold, old=None):
+    keep = (df <= threshold).to(df.dtype)
+    return _outputs(df, torch.ones_like(keep), keep)
+
+
+def _outputs(df, old, keep):
+    f64 = torch.float64
+    drop = old - keep
+    stats = torch.stack(
+        [
+            old.sum(dtype=f64),
+            keep.sum(dtype=f64),
+            (drop * df).sum(dtype=f64),
+            (df * 0).sum(dtype=f64),
+        ]
+    )
+    return keep.to(torch.uint8), (1 - keep).to(torch.uint8), stats
+
+
+def _spike_probe(mu, sigma, log_s, d_priors_sq, reduced_loc):
+    df = spike_delta_f(mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return df, (df * 0).sum(dtype=torch.float64)
+
+
+def _eager_spike_threshold(mu, sigma, log_s, d_priors_sq, reduced_loc, threshold, old=None):
+    df = _spike_inplace(mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return (df,) + _eager_decide(df, threshold, old)
+
+
+def _eager_decide(df, threshold, old):
+    # bool ops and counts are fast eagerly; selects on bools are what to avoid
+    f64 = torch.float64
+    keep = df <= threshold
+    if old is None:
+        drop = ~keep
+        old_count = torch.full((), df.numel(), dtype=f64, device=df.device)
+    else:
+        old = old.view(torch.bool)
+        keep &= old
+        drop = old ^ keep
+        old_count = old.count_nonzero().to(f64)
+    stats = torch.stack(
+        [
+            old_count,
+            keep.count_nonzero().to(f64),
+            (df * float_mask(drop, df.dtype)).sum().to(f64),
+            df.sum().mul_(0).to(f64),
+        ]
+    )
+    return keep.view(torch.uint8), (~keep).view(torch.uint8), stats
+
+
+def _eager_spike_probe(mu, sigma, log_s, d_priors_sq, reduced_loc):
+    df = _spike_inplace(mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return df, df.sum().mul_(0).to(torch.float64)
+
+
+def spike_threshold(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    log_s: torch.Tensor,
+    d_priors_sq: torch.Tensor,
+    reduced_loc: torch.Tensor,
+    threshold: torch.Tensor,
+    old: Optional[torch.Tensor],
+    work: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ΔF, keep, pruned, stats)`` for the flat tensors ``mu`` and ``sigma`` of one
+    site, ``keep = (ΔF ≤ threshold) ∧ old`` (masks as uint8; see above)."""
+    args = (mu, sigma, log_s, d_priors_sq, reduced_loc, threshold)
+    if old is None:
+        return _run(_spike_threshold_first, _eager_spike_threshold, work, mu, *args)
+    return _run(_spike_threshold, _eager_spike_threshold, work, mu, *args, old)
+
+
+def spike_probe(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    log_s: torch.Tensor,
+    d_priors_sq: torch.Tensor,
+    reduced_loc: torch.Tensor,
+    work: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ΔF of the flat tensors of one site and ``Σ 0·ΔF`` (0 exactly when all finite)."""
+    args = (mu, sigma, log_s, d_priors_sq, reduced_loc)
+    return _run(_spike_probe, _eager_spike_probe, work, mu, *args)
+
+
+def decide(
+    df: torch.Tensor,
+    threshold: torch.Tensor,
+    old: Optional[torch.Tensor],
+    work: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keep, pruned, stats)`` as in :func:`spike_threshold`, for a flat, finite ΔF."""
+    if old is None:
+        return _run(_decide_first, _eager_decide, work, df, df, threshold, None)
+    return _run(_decide, _eager_decide, work, df, df, threshold, old)
+
+
+# ---------------------------------------------------------------------------
+# The sum of the spike-and-slab rule's keep probabilities over kept elements,
+# σ(ζ − ΔF) = 1 / (1 + e^ΔF · e^−ζ): with e^ΔF computed once, each of the rule's
+# iterations is a multiply-add and a division per element instead of an exponential
+# (e^ΔF = inf gives 0 and e^ΔF = 0 gives 1, the limits of σ).
+
+
+def _keep_sum(c, exp_df, mask):
+    return (mask / (1 + exp_df * c)).sum(dtype=torch.float64).to(exp_df.dtype)
+
+
+def _keep_sum_all(c, exp_df):
+    return (1 / (1 + exp_df * c)).sum(dtype=torch.float64).to(exp_df.dtype)
+
+
+def _eager_keep_sum(c, exp_df, mask=None):
+    q = torch.mul(exp_df, c).add_(1).reciprocal_()
+    return q.sum() if mask is None else q.mul_(mask).sum()
+
+
+def keep_probability_sum(
+    zeta: torch.Tensor,
+    exp_df: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    work: Optional[int] = None,
+) -> torch.Tensor:
+    """:math:`\\sum \\sigma(\\zeta - \\Delta F)` over the elements where the float
+    ``mask`` is 1 (all where it is ``None``), given the flat :math:`e^{\\Delta F}`; a
+    0-dim tensor of ΔF's dtype."""
+    c = torch.exp(-zeta)
+    if mask is None:
+        return _run(_keep_sum_all, _eager_keep_sum, work, exp_df, c, exp_df)
+    return _run(_keep_sum, _eager_keep_sum, work, exp_df, c, exp_df, mask.reshape(-1))
+
+
+# ---------------------------------------------------------------------------
+
+
+def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 floats (through ``uint8``, which converts several times
+    faster than ``bool`` on CPU)."""
+    return mask.view(torch.uint8).to(dtype)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast (stride-0) dimensions; a 0-dim tensor if it holds
+    one value."""
+    for dim in range(t.dim()):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t.reshape(()) if t.numel() == 1 else t

@@ -1,0 +1,249 @@
+"""The fused kernels behind ``reduce``, checked against the plain formula."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, _kernels, delta_f
+from pyro_bmr.delta_f import _as_tensors, _direct
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Fresh compile state; eager kernels unless a test asks otherwise."""
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_failed", set())
+    monkeypatch.setenv(_kernels.ENV_VAR, "0")
+    return monkeypatch
+
+
+def _posterior(n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loc = (torch.randn(n, generator=g) * torch.rand(n, generator=g)).to(dtype)
+    scale = (torch.rand(n, generator=g) * 0.5 + 0.01).to(dtype)
+    return loc, scale
+
+
+def _plain(loc, scale, prior_loc, prior_scale, reduced_loc=0.0):
+    """ΔF by the general formula at s̃ = 0, as delta_f computed it before the fast path."""
+    return _direct(*_as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc, 0.0))[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "prior",
+    [(0.0, 1.0, 0.0), (0.3, 0.7, -0.2), ("per-element", None, 0.1)],
+    ids=["standard", "shifted", "per-element"],
+)
+def test_eager_spike_is_bitwise_the_general_formula(dtype, prior):
+    loc, scale = _posterior(10_000, dtype)
+    prior_loc, prior_scale, reduced_loc = prior
+    if prior_loc == "per-element":
+        prior_loc = torch.linspace(-1, 1, 10_000, dtype=dtype)
+        prior_scale = torch.linspace(0.1, 2, 10_000, dtype=dtype)
+    expected = _plain(loc, scale, prior_loc, prior_scale, reduced_loc)
+    out = delta_f(loc, scale, prior_loc, prior_scale, reduced_loc)
+    assert out.delta_f.dtype == dtype
+    assert torch.equal(out.delta_f, expected)
+    assert torch.equal(out.loc, torch.full_like(expected, reduced_loc))
+    assert torch.equal(out.scale, torch.zeros_like(expected))
+    # the in-place variant used by reduce gives the same bits
+    m, s, m_red = _as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc)[2:]
+    terms = _kernels.spike_constants(m, s, m_red, loc.shape)
+    assert torch.equal(_kernels._spike_inplace(loc, scale, *terms, m_red), expected)
+
+
+def _check_threshold_kernel(loc, scale, old, threshold=0.0, atol=0.0):
+    m, s, m_red, tau = (
+        torch.tensor(v, dtype=loc.dtype, device=loc.device) for v in (0.0, 1.0, 0.0, threshold)
+    )
+    terms = _kernels.spike_constants(m, s, m_red, loc.shape)
+    old_bytes = None if old is None else old.view(torch.uint8)
+    df, keep, pruned, stats = _kernels.spike_threshold(loc, scale, *terms, m_red, tau, old_bytes)
+    expected = _plain(loc.cpu(), scale.cpu(), 0.0, 1.0)
+    assert df.device == loc.device
+    df, keep, pruned, stats, old = (
+        None if t is None else t.cpu() for t in (df, keep, pruned, stats, old)
+    )
+    assert torch.allclose(df, expected, rtol=0, atol=atol)
+    keep, pruned = keep.view(torch.bool), pruned.view(torch.bool)
+    before = torch.ones_like(keep) if old is None else old
+    assert torch.equal(keep, (df <= threshold) & before)
+    assert torch.equal(pruned, ~keep)
+    newly = before & ~keep
+    assert stats.dtype == torch.float64
+    assert stats[0].item() == before.sum().item()
+    assert stats[1].item() == keep.sum().item()
+    assert stats[2].item() == pytest.approx(df.double()[newly].sum().item(), rel=1e-6)
+    assert stats[3].item() == 0.0  # every ΔF finite
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["first", "masked"])
+def test_eager_threshold_kernel_matches_the_plain_decision(kernels, with_mask):
+    loc, scale = _posterior(5000)
+    old = torch.rand(5000, generator=torch.Generator().manual_seed(3)) < 0.7
+    _check_threshold_kernel(loc, scale, old if with_mask else None, threshold=0.5)
+
+
+def test_compiled_threshold_kernel_matches_the_plain_formula(kernels):
+    """The compiled path (forced on for a small input) agrees with the plain formula
+    to a few ulps and makes the same decisions; it must not fall back."""
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    loc, scale = _posterior(4099)  # not a multiple of any vector width
+    old = torch.rand(4099, generator=torch.Generator().manual_seed(4)) < 0.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _check_threshold_kernel(loc, scale, old, threshold=0.0, atol=1e-5)
+    assert "cpu" not in _kernels._failed
+    assert _kernels._spike_threshold in _kernels._compiled
+
+
+def test_a_failing_compile_warns_once_and_falls_back_to_eager(kernels):
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn)
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    kernels.setattr(torch, "compile", broken_compile)
+    loc, scale = _posterior(300)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        _check_threshold_kernel(loc, scale, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _check_threshold_kernel(loc, scale, None)  # not tried again
+    assert len(calls) == 1
+
+
+def test_compile_mode_reads_the_environment(kernels):
+    for value, mode in [("0", "never"), ("off", "never"), ("1", "always"), ("auto", "auto")]:
+        kernels.setenv(_kernels.ENV_VAR, value)
+        assert _kernels.compile_mode() == mode
+    kernels.setenv(_kernels.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="PYRO_BMR_COMPILE must be 0, 1 or auto"):
+        _kernels.compile_mode()
+    kernels.delenv(_kernels.ENV_VAR)
+    assert _kernels.compile_mode() == "auto"
+    small = torch.zeros(10)
+    assert not _kernels._use_compiled(_kernels._spike_probe, 10, 10, small.device)
+
+
+def _wide_model():
+    pyro.sample("w", dist.Normal(0.0, 1.0).expand([40, 30]).to_event(2))
+    pyro.sample("b", dist.Normal(torch.linspace(-1, 1, 30), 0.5).to_event(1))
+
+
+def _fitted_guide(seed=0):
+    guide = AutoNormal(_wide_model, init_scale=0.05)
+    guide()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("w", "b"):
+            loc = pyro.param(f"AutoNormal.locs.{name}").unconstrained()
+            loc.copy_(torch.randn(loc.shape, generator=g) * torch.rand(loc.shape, generator=g))
+    return guide
+
+
+@pytest.mark.parametrize(
+    "rule", [ThresholdRule(0.0), ThresholdRule(1.5), SpikeAndSlabRule()], ids=repr
+)
+def test_reduce_twice_matches_the_plain_formula_and_rule(kernels, rule):
+    guide = _fitted_guide()
+    bmr = BayesianModelReduction(guide, rule)
+    sites = bmr.sites()
+    masks, total_new = {}, 0.0
+    for _ in range(2):
+        plain = {}
+        for name, site in sites.items():
+            loc, scale = (t.clone() for t in bmr.posterior.loc_scale(name))
+            plain[name] = delta_f(loc, scale, site.prior_loc, site.prior_scale).delta_f
+        report = bmr.reduce()
+        total_new, pruned = 0.0, 0
+        for name, df in plain.items():
+            old = masks.get(name, torch.ones(df.shape, dtype=torch.bool))
+            keep = rule.keep(df, old) & old
+            assert torch.equal(report.delta_f[name], df)
+            assert torch.equal(bmr.masks[name], keep)
+            total_new += df[old & ~keep].double().sum().item()
+            pruned += int((~keep).sum())
+            masks[name] = keep
+            # pruned locs are zeroed in the guide
+            assert (bmr.posterior.loc_scale(name)[0][~keep] == 0).all()
+        assert report.num_pruned == pruned
+        assert report.total_delta_f == pytest.approx(total_new, rel=1e-6, abs=1e-9)
+        # the second reduction sees moved posteriors, as after more training
+        with torch.no_grad():
+            for name in sites:
+                loc = pyro.param(f"AutoNormal.locs.{name}").unconstrained()
+                loc.add_(0.3 * torch.randn(loc.shape, generator=torch.Generator().manual_seed(9)))
+    assert report.num_newly_pruned >= 0
+
+
+def test_reduce_repairs_out_of_range_elements_like_delta_f(kernels):
+    guide = _fitted_guide()
+    with torch.no_grad():
+        # |μ/σ| ≈ 2.5e19: (μ/σ)² overflows float32 but ΔF ≈ −3.1e38 does not; the
+        # third has a tiny σ, and ΔF is −inf in truth
+        locs = pyro.param("AutoNormal.locs.w").unconstrained()
+        scales = pyro.param("AutoNormal.scales.w").unconstrained()
+        locs[0, :3] = torch.tensor([2.5e19, -2.5e19, 1e30])
+        scales[0, :3] = torch.tensor([0.5413248538970947, 0.5413248538970947, -80.0])
+    loc, scale = (t.clone() for t in (guide.locs.w.detach(), guide.scales.w.detach()))
+    expected = delta_f(loc, scale, 0.0, 1.0).delta_f
+    prior_b = torch.linspace(-1, 1, 30)
+    df_b = delta_f(guide.locs.b.detach().clone(), guide.scales.b.detach(), prior_b, 0.5).delta_f
+    assert not torch.isfinite(_plain(loc, scale, 0.0, 1.0)[0, :2]).any()
+    assert torch.isfinite(expected[0, :2]).all() and (expected[0, :2] < -3e38).all()
+    assert expected[0, 2] == -float("inf")
+    bmr = BayesianModelReduction(guide)
+    report = bmr.reduce()
+    assert torch.equal(report.delta_f["w"], expected)
+    keep = expected <= 0
+    assert torch.equal(bmr.masks["w"], keep)
+    gained = expected[~keep].double().sum() + df_b[df_b > 0].double().sum()
+    assert report.total_delta_f == pytest.approx(gained.item(), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_kernels_and_reduce_on_cuda_match_the_plain_formula(kernels, compile_mode):
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    loc, scale = _posterior(100_003)
+    old = torch.rand(100_003, generator=torch.Generator().manual_seed(5)) < 0.5
+    _check_threshold_kernel(loc.cuda(), scale.cuda(), None, atol=1e-5)
+    _check_threshold_kernel(loc.cuda(), scale.cuda(), old.cuda(), atol=1e-5)
+
+    with torch.device("cuda"):
+        guide = AutoNormal(_wide_model, init_scale=0.05)
+        guide()
+    with torch.no_grad():
+        for name in ("w", "b"):
+            param = pyro.param(f"AutoNormal.locs.{name}").unconstrained()
+            param.copy_(_posterior(param.numel(), seed=6)[0].reshape(param.shape))
+    bmr = BayesianModelReduction(guide)
+    plain = {}
+    for name, site in bmr.sites().items():
+        mu, sigma = (t.clone() for t in bmr.posterior.loc_scale(name))
+        assert mu.device.type == "cuda"
+        plain[name] = delta_f(mu.cpu(), sigma.cpu(), site.prior_loc.cpu(), site.prior_scale.cpu())
+    report = bmr.reduce()
+    for name, expected in plain.items():
+        assert report.delta_f[name].device.type == "cuda"
+        assert torch.allclose(report.delta_f[name].cpu(), expected.delta_f, rtol=1e-6, atol=1e-5)
+        assert torch.equal(bmr.masks[name].cpu(), expected.delta_f <= 0)
+
+
+def test_reduce_names_the_site_whose_loaded_mask_does_not_fit(kernels):
+    guide = _fitted_guide()
+    bmr = BayesianModelReduction(guide)
+    bmr.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
+    with pytest.raises(ValueError, match="does not fit site 'w'"):
+        bmr.reduce()
