@@ -117,8 +117,11 @@ def _parameter(module: torch.nn.Module, dotted: str) -> Tuple[torch.Tensor, cons
 
 def _assign(param: torch.Tensor, constraint, where: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
-        unconstrained = biject_to(constraint).inv(value.to(param.dtype)).expand_as(param)
-        param.copy_(torch.where(where, unconstrained, param))
+        unconstrained = biject_to(constraint).inv(value.to(param.dtype))
+        if unconstrained.dim() == 0:  # pruning: one in-place pass, no copy
+            param.masked_fill_(where.to(param.device), unconstrained)
+        else:
+            param.copy_(torch.where(where, unconstrained.expand_as(param), param))
 
 
 def _is_real(site: dict) -> bool:
