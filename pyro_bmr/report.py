@@ -25,7 +25,9 @@ class ReductionReport:
     """The result of :meth:`~pyro_bmr.BayesianModelReduction.reduce`.
 
     :ivar dict delta_f: site name → ΔF of pruning each element (a tensor of the
-        site's shape, on the parameters' device).
+        site's shape, on the parameters' device). Elements pruned by an earlier
+        reduction are scored too, but their guide location was reset to 0 then, so
+        their value means nothing: read it through the mask.
     :ivar int num_pruned: elements pruned in total after this reduction.
     :ivar int num_newly_pruned: elements this reduction pruned.
     :ivar int num_elements: elements in all reduced sites.
