@@ -35,6 +35,16 @@ def _fit(model, guide, *args, steps=300, lr=0.05, loss=None, bmr=None):
     return svi
 
 
+def _fitted_and_reduced(data, steps):
+    """The sparse regression fitted by SVI for ``steps`` steps, then reduced once."""
+    X, y, _ = data
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=steps)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    return X, y, guide, bmr
+
+
 def test_reduce_prunes_the_null_coefficients_and_zeroes_them(sparse_regression):
     X, y, w = sparse_regression
     guide = AutoNormal(regression_model)
@@ -64,11 +74,7 @@ def test_reduce_prunes_the_null_coefficients_and_zeroes_them(sparse_regression):
 
 
 def test_reduced_model_and_guide_log_densities_drop_pruned_elements(sparse_regression):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=200)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=200)
     keep = bmr.masks["w"]
 
     guide_tr = pyro.poutine.trace(bmr(guide)).get_trace(X, y)
@@ -132,11 +138,7 @@ def test_pyro_module_mlp_with_dotted_site_names():
 
 
 def test_predictive_gives_exact_zeros_and_reduced_predictions(sparse_regression):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=200)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=200)
     keep = bmr.masks["w"]
     pred = Predictive(bmr(regression_model), guide=bmr(guide), num_samples=50)
     w = pred(X)["w"].reshape(50, 50)
@@ -161,11 +163,7 @@ def test_predictive_gives_exact_zeros_and_reduced_predictions(sparse_regression)
 def test_every_elbo_trains_the_reduced_model_without_touching_pruned_elements(
     loss, sparse_regression
 ):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=150)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=150)
     keep = bmr.masks["w"]
     assert (~keep).sum() > 30
 
@@ -306,11 +304,7 @@ def test_unknown_site_and_bad_masks_are_rejected(sparse_regression):
 
 
 def test_masks_are_cumulative_and_reset_restores(sparse_regression):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=200)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=200)
     first = bmr.masks["w"].clone()
     bmr.rule = ThresholdRule(1e9)  # would keep everything
     report = bmr.reduce(X, y)
@@ -323,11 +317,7 @@ def test_masks_are_cumulative_and_reset_restores(sparse_regression):
 
 
 def test_state_round_trip_restores_identical_predictions(sparse_regression):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=200)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=200)
     buffer = io.BytesIO()
     torch.save({"guide": guide.state_dict(), "bmr": bmr.state_dict()}, buffer)
     pyro.set_rng_seed(7)
@@ -364,11 +354,7 @@ def test_soft_reduced_prior_updates_kept_posteriors(sparse_regression):
 
 
 def test_handler_works_as_a_context_manager(sparse_regression):
-    X, y, _ = sparse_regression
-    guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=100)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=100)
     with bmr:
         tr = pyro.poutine.trace(guide).get_trace(X, y)
     assert (tr.nodes["w"]["value"][~bmr.masks["w"]] == 0).all()
