@@ -28,6 +28,7 @@ from torch.distributions import biject_to
 
 from pyro_bmr.local_reparam import LOCAL_REPARAMETERIZATION, local_reparameterization
 from pyro_bmr.posteriors import MeanFieldPosterior, _assign, _parameter, register_posterior
+from pyro_bmr.sites import is_real_support
 
 __all__ = ["GUIDES", "MeanFieldGuide", "MeanFieldGuidePosterior", "make_guide"]
 
@@ -44,12 +45,6 @@ class _Site(NamedTuple):
     transform: Optional[torch.distributions.Transform]  # None on the real line
     plates: Tuple[str, ...]
     support: constraints.Constraint
-
-
-def _is_real(support: constraints.Constraint) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
 
 
 class MeanFieldGuide(AutoGuide):
@@ -123,7 +118,7 @@ class MeanFieldGuide(AutoGuide):
                     "in one flat parameter"
                 )
             plates = tuple(f.name for f in site["cond_indep_stack"] if f.vectorized)
-            real = _is_real(fn.support)
+            real = is_real_support(fn.support)
             stop = start + init.numel()
             sites.append(
                 _Site(

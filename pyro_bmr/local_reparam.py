@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
-from torch.distributions import Independent, Normal
 
 from pyro_bmr._gaussian_kl import compact, float_mask, kl_elementwise, kl_sum, shared_masks
 from pyro_bmr.distributions import PrunedNormal
+from pyro_bmr.sites import innermost_normal
 
 __all__ = [
     "LOCAL_REPARAMETERIZATION",
@@ -54,16 +54,13 @@ _FUNCTIONS = ("linear", "conv1d", "conv2d", "conv3d")
 def _elementwise_normal(fn) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """``(loc, scale, keep)`` of an elementwise Normal over its full shape (``keep``
     is ``None`` when nothing is pruned), looking through ``.to_event`` and ``.expand``."""
-    shape = fn.batch_shape + fn.event_shape
-    while True:
-        if isinstance(fn, PrunedNormal):
-            return fn.loc.expand(shape), fn.scale.expand(shape), fn.keep.expand(shape)
-        if isinstance(fn, Normal):
-            return fn.loc.expand(shape), fn.scale.expand(shape), None
-        if isinstance(fn, Independent) or type(fn).__name__ == "ExpandedDistribution":
-            fn = fn.base_dist
-            continue
+    found = innermost_normal(fn)
+    if found is None:
         return None
+    base, _ = found
+    shape = fn.batch_shape + fn.event_shape
+    keep = base.keep.expand(shape) if isinstance(base, PrunedNormal) else None
+    return base.loc.expand(shape), base.scale.expand(shape), keep
 
 
 def _kl_scalar_prior(

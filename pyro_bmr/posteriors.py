@@ -16,6 +16,8 @@ from pyro.distributions import constraints
 from pyro.infer import autoguide
 from torch.distributions import biject_to
 
+from pyro_bmr.sites import is_real_support
+
 __all__ = [
     "MeanFieldPosterior",
     "AutoNormalPosterior",
@@ -124,11 +126,14 @@ def _assign(param: torch.Tensor, constraint, where: torch.Tensor, value: torch.T
             param.copy_(torch.where(where, unconstrained.expand_as(param), param))
 
 
-def _is_real(site: dict) -> bool:
-    support = site["fn"].support
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real
+def _prototype_sites(guide) -> Dict[str, Optional[str]]:
+    """:meth:`MeanFieldPosterior.sites` of an autoguide, read off its prototype trace."""
+    return {
+        name: None
+        if is_real_support(site["fn"].support)
+        else (f"support {site['fn'].support} is constrained")
+        for name, site in guide.prototype_trace.iter_stochastic_nodes()
+    }
 
 
 @register_posterior(autoguide.AutoNormal)
@@ -137,10 +142,7 @@ class AutoNormalPosterior(MeanFieldPosterior):
     drawn at the auxiliary site ``<site>_unconstrained``."""
 
     def sites(self) -> Dict[str, Optional[str]]:
-        return {
-            name: None if _is_real(site) else f"support {site['fn'].support} is constrained"
-            for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
-        }
+        return _prototype_sites(self.guide)
 
     def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -172,10 +174,7 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
         return out
 
     def sites(self) -> Dict[str, Optional[str]]:
-        return {
-            name: None if _is_real(site) else f"support {site['fn'].support} is constrained"
-            for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
-        }
+        return _prototype_sites(self.guide)
 
     def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         part, shape = self._slices()[name]

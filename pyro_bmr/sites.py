@@ -17,7 +17,13 @@ from torch.distributions import Distribution, Independent, Normal
 
 from pyro_bmr.distributions import PrunedNormal
 
-__all__ = ["GaussianSite", "find_gaussian_sites", "normal_params"]
+__all__ = [
+    "GaussianSite",
+    "find_gaussian_sites",
+    "innermost_normal",
+    "is_real_support",
+    "normal_params",
+]
 
 
 @dataclass(frozen=True)
@@ -41,25 +47,19 @@ class GaussianSite:
         return self.shape.numel()
 
 
-def normal_params(fn: Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
-    """Read an elementwise Normal out of a (possibly wrapped) distribution.
-
-    Looks through :class:`~torch.distributions.Independent` (``.to_event``),
-    Pyro's ``ExpandedDistribution`` and the :class:`~pyro_bmr.PrunedNormal` this
-    package installs.
+def innermost_normal(fn: Distribution) -> Optional[Tuple[Distribution, int]]:
+    """The :class:`~torch.distributions.Normal` (or :class:`~pyro_bmr.PrunedNormal`)
+    inside a distribution's :class:`~torch.distributions.Independent` (``.to_event``)
+    and Pyro ``ExpandedDistribution`` wrappers.
 
     :param fn: a distribution.
-    :returns: ``(loc, scale, event_dim)`` with ``loc`` and ``scale`` expanded to the
-        distribution's full ``batch_shape + event_shape``, or ``None`` where ``fn``
-        is not an elementwise Normal.
+    :returns: ``(base, event_dim)``, with the event dimensions the wrappers add, or
+        ``None`` where ``fn`` is not an elementwise Normal.
     """
     event_dim = 0
-    shape = fn.batch_shape + fn.event_shape
     while True:
-        if isinstance(fn, PrunedNormal):
-            return fn.loc.expand(shape), fn.scale.expand(shape), event_dim + fn.event_dim
-        if isinstance(fn, Normal):
-            return fn.loc.expand(shape), fn.scale.expand(shape), event_dim
+        if isinstance(fn, (PrunedNormal, Normal)):
+            return fn, event_dim
         if isinstance(fn, Independent):
             event_dim += fn.reinterpreted_batch_ndims
             fn = fn.base_dist
@@ -71,7 +71,28 @@ def normal_params(fn: Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor
         return None
 
 
-def _is_real(support: constraints.Constraint) -> bool:
+def normal_params(fn: Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """Read an elementwise Normal out of a (possibly wrapped) distribution.
+
+    Looks through the wrappers :func:`innermost_normal` knows.
+
+    :param fn: a distribution.
+    :returns: ``(loc, scale, event_dim)`` with ``loc`` and ``scale`` expanded to the
+        distribution's full ``batch_shape + event_shape``, or ``None`` where ``fn``
+        is not an elementwise Normal.
+    """
+    found = innermost_normal(fn)
+    if found is None:
+        return None
+    base, event_dim = found
+    if isinstance(base, PrunedNormal):
+        event_dim += base.event_dim
+    shape = fn.batch_shape + fn.event_shape
+    return base.loc.expand(shape), base.scale.expand(shape), event_dim
+
+
+def is_real_support(support: constraints.Constraint) -> bool:
+    """Whether ``support`` is the real line (elementwise, under any ``independent``)."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     return support is constraints.real
@@ -135,7 +156,7 @@ def find_gaussian_sites(
         if params is None:
             skipped[name] = f"prior {type(fn).__name__} is not an elementwise Normal"
             continue
-        if not _is_real(fn.support):
+        if not is_real_support(fn.support):
             skipped[name] = f"support {fn.support} is constrained"
             continue
         loc, scale, event_dim = params
