@@ -6,6 +6,9 @@ and Adam (lr 1e-3) throughout. Timed, interleaved in this process, on the same b
 
 * ``deterministic``: ``zero_grad``, cross-entropy forward and backward, ``Adam.step`` of
   ``LeNet300100``;
+* ``floor (torch, no Pyro)``: the local guide's step written out in plain torch (flat
+  loc and log-scale, mean and variance of every layer, closed-form KL, Adam): the cost
+  of the arithmetic alone, a lower bound for any Pyro guide of this family;
 * ``AutoNormal``: ``svi.step`` with Pyro's ``AutoNormal``;
 * ``MeanFieldGuide``: ``svi.step`` with :class:`pyro_bmr.MeanFieldGuide`;
 * ``MeanFieldGuide+local``: the same inside :func:`pyro_bmr.local_reparameterization`
@@ -25,7 +28,8 @@ network's, ``init_scale`` 0.01) and the test accuracy of the posterior predictiv
 Run from the repository root::
 
     python benchmarks/bench_guide.py [--data-dir ../shared/data] [--rounds 7] [--steps 20]
-        [--epochs 1] [--train-size 20000] [--threads N] [--no-validation] [--clock wall|cpu]
+        [--epochs 1] [--train-size 20000] [--threads N] [--no-validation] [--fused-adam]
+        [--clock wall|cpu]
 """
 
 import argparse
@@ -47,6 +51,8 @@ from pyro_bmr.nn import BayesianClassifier, GaussianPrior, LeNet300100, predict_
 BATCH = 128
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 LR = 1e-3
+#: Adam's settings for every variant (``--fused-adam`` adds ``fused=True``)
+ADAM = {"lr": LR}
 INIT_SCALE = 1e-2
 
 
@@ -74,14 +80,14 @@ class QuantileRule(PruningRule):
 def _step_fns(x, y, n):
     torch.manual_seed(0)
     net = LeNet300100((1, 28, 28), 10)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    opt = torch.optim.Adam(net.parameters(), **ADAM)
 
     def deterministic():
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
 
-    fns = {"deterministic": deterministic}
+    fns = {"deterministic": deterministic, "floor (torch, no Pyro)": _floor_step(x, y, n)}
     pyro.clear_param_store()
     for kind in (
         "AutoNormal",
@@ -93,11 +99,11 @@ def _step_fns(x, y, n):
         guide = _guide(kind, model)
         if kind.endswith("BMR"):
             bmr = BayesianModelReduction(guide, QuantileRule(0.1))
-            svi = SVI(bmr(model), bmr(guide), pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+            svi = SVI(bmr(model), bmr(guide), pyro.optim.Adam(dict(ADAM)), Trace_ELBO())
             svi.step(x, y)
             bmr.reduce(x, y)
         else:
-            svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+            svi = SVI(model, guide, pyro.optim.Adam(dict(ADAM)), Trace_ELBO())
         if "local" in kind:
             handler = local_reparameterization()
 
@@ -109,6 +115,39 @@ def _step_fns(x, y, n):
         else:
             fns[kind] = lambda svi=svi: svi.step(x, y)
     return fns
+
+
+def _floor_step(x, y, n):
+    """The step the local guide computes, written in plain torch without Pyro: a flat
+    loc and log-scale, the three layers from the weights' means and variances, the
+    cross-entropy scaled to the data set and the closed-form KL from N(0, 1), then
+    Adam: what is left of a Bayesian step when all of Pyro's bookkeeping is gone."""
+    torch.manual_seed(0)
+    net = LeNet300100((1, 28, 28), 10)
+    shapes = [p.shape for p in net.parameters()]
+    sizes = [shape.numel() for shape in shapes]
+    loc = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    log_scale = nn.Parameter(torch.full_like(loc, INIT_SCALE).log())
+    opt = torch.optim.Adam([loc, log_scale], **ADAM)
+    inputs = x.flatten(1)
+
+    def step():
+        opt.zero_grad()
+        var = log_scale.exp().square()
+        means, variances = loc.split(sizes), var.split(sizes)
+        h = inputs
+        for i in range(0, len(shapes), 2):
+            mean = nn.functional.linear(h, means[i].view(shapes[i]), means[i + 1])
+            v = nn.functional.linear(h.square(), variances[i].view(shapes[i]), variances[i + 1])
+            h = torch.addcmul(mean, v.clamp_min(1e-30).sqrt(), torch.randn_like(mean))
+            if i + 2 < len(shapes):
+                h = h.relu()
+        nll = nn.functional.cross_entropy(h, y, reduction="sum") * (n / len(y))
+        kl = 0.5 * (var.sum() + loc.square().sum() - loc.numel()) - log_scale.sum()
+        (nll + kl).backward()
+        opt.step()
+
+    return step
 
 
 def time_steps(x, y, n, rounds, steps, clock=time.perf_counter):
@@ -141,7 +180,7 @@ def train_accuracy(kind, data, epochs, num_samples, seed):
     x_test, y_test = data.test.tensors
     model = _bayesian(len(x_train), seed)
     guide = _guide(kind, model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+    svi = SVI(model, guide, pyro.optim.Adam(dict(ADAM)), Trace_ELBO())
     handler = local_reparameterization() if "local" in kind else None
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -176,6 +215,9 @@ def main():
         "--no-validation", action="store_true", help="pyro.enable_validation(False) for all"
     )
     parser.add_argument(
+        "--fused-adam", action="store_true", help="torch's fused Adam (fused=True) for all"
+    )
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -185,6 +227,8 @@ def main():
     args = parser.parse_args()
     if args.no_validation:
         pyro.enable_validation(False)
+    if args.fused_adam:
+        ADAM["fused"] = True
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # every guide keeps its own parameters (all MeanFieldGuides share a name)
@@ -196,7 +240,7 @@ def main():
     validation = "off" if args.no_validation else "on"
     print(
         f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads, "
-        f"Pyro validation {validation}"
+        f"Pyro validation {validation}, {'fused' if args.fused_adam else 'for-loop'} Adam"
     )
     print(
         f"one step, LeNet-300-100, batch {BATCH}, Trace_ELBO; medians of {args.rounds} rounds, "
