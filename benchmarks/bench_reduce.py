@@ -1,14 +1,18 @@
 """Time :meth:`BayesianModelReduction.reduce` on a model with 10 M Gaussian weights.
 
 An MLP 2500-2000-2000-500 with N(0, 1) priors (10.0 M weights, 4500 biases) and a
-stock ``AutoNormal`` guide whose locs are spread as after training. Prints, for the
+stock ``AutoNormal`` guide (or, with ``--guide mean-field``, a
+:class:`~pyro_bmr.MeanFieldGuide`) whose locs are spread as after training. Prints, for the
 default :class:`~pyro_bmr.ThresholdRule` and for :class:`~pyro_bmr.SpikeAndSlabRule`,
 the median time of one ``reduce`` over all sites against the median time of cloning
 every site's guide loc and scale once (the memory-bound floor of reading the
 posterior), measured in this process with the two interleaved, and their ratio. It
 also times, the same way, the two calls ``reduce`` makes to the guide's posterior
 (:mod:`pyro_bmr.posteriors`): reading loc and scale (for ``AutoNormal`` a softplus
-of every unconstrained scale) and zeroing the pruned locs.
+of every unconstrained scale) and zeroing the pruned locs. A ``MeanFieldGuide`` stores
+σ = exp(ρ), and ``reduce`` then scores its large sites straight off loc and ρ and
+zeroes their pruned locs in the same pass, making neither call; the two are timed
+all the same, for comparison.
 
 Every timed ``reduce`` starts from the same state (the fitted guide parameters, no
 masks), so each one scores, prunes, writes masks and zeroes the pruned locs, as the
@@ -18,8 +22,9 @@ and the rule applied to it, for a first reduction and for a second one on top of
 existing masks. The first ``reduce`` traces the model and compiles the fused kernels
 (unless ``PYRO_BMR_COMPILE=0``); it is not timed.
 
-Run: ``python benchmarks/bench_reduce.py [--repeats 9] [--threads N] [--device cpu]
-[--clock wall|cpu]``; ``PYRO_BMR_COMPILE=0`` times the eager kernels.
+Run: ``python benchmarks/bench_reduce.py [--guide auto|mean-field] [--repeats 9]
+[--threads N] [--device cpu] [--clock wall|cpu]``; ``PYRO_BMR_COMPILE=0`` times the
+eager kernels.
 """
 
 import argparse
@@ -32,8 +37,11 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, delta_f
+from pyro_bmr.guides import MeanFieldGuide
+from pyro_bmr.posteriors import mean_field_posterior
 
 WIDTHS = (2500, 2000, 2000, 500)
+GUIDES = {"auto": AutoNormal, "mean-field": MeanFieldGuide}
 
 
 def model(x):
@@ -86,7 +94,7 @@ def _check(bmr, x, rule):
         if step == 0:
             with torch.no_grad():  # move the posterior, as more training would
                 for name in sites:
-                    loc = pyro.param(f"AutoNormal.locs.{name}").unconstrained()
+                    loc, _ = bmr.posterior.loc_scale(name)  # a view of the parameter
                     loc.add_(0.05 * torch.randn_like(loc))
     return worst
 
@@ -94,6 +102,13 @@ def _check(bmr, x, rule):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--guide",
+        choices=tuple(GUIDES),
+        default="auto",
+        help="auto: AutoNormal (scales stored through softplus); mean-field: "
+        "pyro_bmr.MeanFieldGuide (one flat loc and scale, scales through exp)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -110,12 +125,13 @@ def main():
     timed = _timer(device, args.clock)
     pyro.set_rng_seed(0)
     x = torch.randn(8, WIDTHS[0])
-    guide = AutoNormal(model, init_scale=0.05)
+    guide = GUIDES[args.guide](model, init_scale=0.05)
     guide(x)
     names = [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()]
     with torch.no_grad():  # a posterior as after training: most weights near zero
+        posterior = mean_field_posterior(guide)
         for name in names:
-            loc = pyro.param(f"AutoNormal.locs.{name}").unconstrained()
+            loc, _ = posterior.loc_scale(name)  # a view of the parameter
             loc.copy_(torch.randn_like(loc) * torch.rand_like(loc) * 0.3)
     saved = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
@@ -126,7 +142,8 @@ def main():
                 v.unconstrained().copy_(saved[k])
 
     print(
-        f"reduce over {len(names)} sites, 10.00 M weights + 4500 biases, AutoNormal, on "
+        f"reduce over {len(names)} sites, 10.00 M weights + 4500 biases, "
+        f"{type(guide).__name__}, on "
         f"{device} ({torch.get_num_threads()} threads), {args.clock} clock; "
         f"medians of {args.repeats}:"
     )
@@ -134,13 +151,18 @@ def main():
         bmr = BayesianModelReduction(guide, rule)
         worst = _check(bmr, x, rule)
         ms = _measure(bmr, x, names, restore, timed, args.repeats)
+        fused = bool(bmr._storage(bmr.sites(x), 1 << 30))
+        share = (
+            "(it reads and writes the guide's storage in place: neither call is made)"
+            if fused
+            else f"the rest {(ms['reduce'] - ms['loc_scale'] - ms['assign']) / ms['clone']:.2f}x"
+        )
         print(
             f"  {rule!r}: reduce {ms['reduce']:.1f} ms, clone loc+scale {ms['clone']:.1f} ms: "
             f"ratio {ms['reduce'] / ms['clone']:.2f}x (max rel. ΔF error vs delta_f {worst:.1e})\n"
-            f"    of which the posterior's loc_scale {ms['loc_scale']:.1f} ms "
-            f"({ms['loc_scale'] / ms['clone']:.2f}x) and assign of the pruned locs "
-            f"{ms['assign']:.1f} ms ({ms['assign'] / ms['clone']:.2f}x); the rest "
-            f"{(ms['reduce'] - ms['loc_scale'] - ms['assign']) / ms['clone']:.2f}x"
+            f"    the posterior's loc_scale {ms['loc_scale']:.1f} ms "
+            f"({ms['loc_scale'] / ms['clone']:.2f}x), assign of the pruned locs "
+            f"{ms['assign']:.1f} ms ({ms['assign'] / ms['clone']:.2f}x); {share}"
         )
 
 

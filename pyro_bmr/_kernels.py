@@ -24,7 +24,7 @@ small models (and unit tests) never compile.
 
 import os
 import warnings
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -50,13 +50,19 @@ def compile_mode() -> str:
     raise ValueError(f"{ENV_VAR} must be 0, 1 or auto, got {value!r}")
 
 
-def _use_compiled(fn: Callable, numel: int, work: int, device: torch.device) -> bool:
+def _use_compiled(fn: Optional[Callable], numel: int, work: int, device: torch.device) -> bool:
     mode = compile_mode()
     if mode == "never":
         return False
     if mode == "auto" and (work < COMPILE_MIN_NUMEL or numel < COMPILE_MIN_SITE):
         return False
     return device.type not in _failed and not torch.compiler.is_compiling()
+
+
+def compiles(numel: int, work: int, device: torch.device) -> bool:
+    """Whether a site of ``numel`` elements, in a reduction of ``work``, runs
+    compiled kernels."""
+    return _use_compiled(None, numel, work, device)
 
 
 def _run(fn: Callable, eager: Callable, work: Optional[int], like: torch.Tensor, *args):
@@ -253,6 +259,80 @@ def decide(
     if old is None:
         return _run(_decide_first, _eager_decide, work, df, df, threshold, None)
     return _run(_decide, _eager_decide, work, df, df, threshold, old)
+
+
+# ---------------------------------------------------------------------------
+# The same pass straight off the storage of a guide that keeps σ = exp(ρ) (as
+# MeanFieldGuide does): ln σ is ρ itself, so an element costs one exponential, and
+# the pruned locs are zeroed in place, so no copy of the posterior is made. ``reduce``
+# takes this path only once every site's scale is known to be valid, so that bad
+# input raises with the guide untouched. Only elements pruned with a finite ΔF (and
+# those pruned before) are zeroed: a non-finite ΔF is repaired and decided by
+# ``reduce`` afterwards, from the untouched μ.
+
+_EXACT_FLOAT32_COUNT = 1 << 24
+
+
+def log_scales_valid(log_scales: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every σ = exp(ρ) is finite and positive (0-dim bool, no sync), from
+    the extremes of each ρ."""
+    ends = [torch.stack(torch.aminmax(rho)) for rho in log_scales if rho.numel()]
+    if not ends:
+        return torch.ones((), dtype=torch.bool)
+    sigma = torch.exp(torch.cat(ends))
+    return (torch.isfinite(sigma) & (sigma > 0)).all()
+
+
+def _spike_prune(loc, log_sigma, log_s, d_priors_sq, reduced_loc, threshold, old, count):
+    d_red = (loc - reduced_loc) / torch.exp(log_sigma)  # spike_delta_f, ln σ given
+    df = (log_s - log_sigma) - 0.5 * (d_red * d_red - d_priors_sq)
+    zeros = torch.zeros_like(df)
+    # masks go out through floats (compiled CPU code converts bool to uint8 slowly)
+    if old is None:
+        keep = (df <= threshold).to(df.dtype)
+        drop = df > threshold
+        zero = drop & (df < float("inf"))
+    else:
+        keep = torch.where(df <= threshold, old.to(df.dtype), zeros)
+        drop = (old != 0) & (df > threshold)
+        zero = ((df > threshold) & (df < float("inf"))) | (old == 0)
+    loc.copy_(torch.where(zero, zeros, loc))
+    gained = torch.where(drop, df, zeros).sum(dtype=torch.float64)
+    probe = (df * 0).sum().to(torch.float64)  # NaN unless every ΔF is finite; exact
+    counts = None
+    if count:  # sums of 0/1 in float32: exact below 2**24 elements
+        kept_before = df.numel() * torch.ones_like(probe) if old is None else old.sum()
+        counts = torch.stack([kept_before.to(torch.float64), keep.sum().to(torch.float64)])
+    return df, keep.to(torch.uint8), gained, probe, counts
+
+
+def spike_prune(
+    loc: torch.Tensor,
+    log_scale: torch.Tensor,
+    log_s: torch.Tensor,
+    d_priors_sq: torch.Tensor,
+    reduced_loc: torch.Tensor,
+    threshold: torch.Tensor,
+    old: Optional[torch.Tensor],
+    work: Optional[int] = None,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(ΔF, keep, stats)`` as :func:`spike_threshold` for the flat ``loc`` and
+    σ = exp(``log_scale``), zeroing the pruned elements of ``loc`` in place; ``None``
+    (nothing done) for a site not worth compiling for."""
+    if not compiles(loc.numel(), loc.numel() if work is None else work, loc.device):
+        return None
+    count = loc.numel() <= _EXACT_FLOAT32_COUNT
+    args = (loc, log_scale, log_s, d_priors_sq, reduced_loc, threshold, old, count)
+    df, keep, gained, probe, counts = _run(_spike_prune, _spike_prune, work, loc, *args)
+    if counts is None:
+        f64 = torch.float64
+        kept_before = (
+            torch.full((), loc.numel(), dtype=f64, device=loc.device)
+            if old is None
+            else old.count_nonzero().to(f64)
+        )
+        counts = torch.stack([kept_before, keep.count_nonzero().to(f64)])
+    return df, keep, torch.cat([counts, torch.stack([gained, probe])])
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.nn import PyroParam
 from pyro.ops.tensor_utils import periodic_repeat
-from torch.distributions import biject_to
+from torch.distributions import biject_to, transform_to
+from torch.distributions.transforms import ExpTransform
 
 from pyro_bmr.local_reparam import LOCAL_REPARAMETERIZATION, local_reparameterization
 from pyro_bmr.posteriors import MeanFieldPosterior, _assign, _parameter, register_posterior
@@ -34,6 +35,26 @@ __all__ = ["GUIDES", "MeanFieldGuide", "MeanFieldGuidePosterior", "make_guide"]
 
 #: The kinds of guide :func:`make_guide` builds.
 GUIDES = ("auto", "mean-field", "local")
+
+
+class _ExpPositive(constraints.Constraint):
+    """Positive reals, mapped from the real line by ``exp`` alone. Pyro's
+    ``positive`` maps through ``exp`` followed by an identity affine map, which
+    costs two more passes over every scale, forward and backward, at each step;
+    the unconstrained values (log-scales) are the same."""
+
+    event_dim = 0
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return value > 0
+
+    def __repr__(self) -> str:
+        return "ExpPositive()"
+
+
+exp_positive = _ExpPositive()
+biject_to.register(_ExpPositive)(lambda constraint: ExpTransform())
+transform_to.register(_ExpPositive)(lambda constraint: ExpTransform())
 
 
 class _Site(NamedTuple):
@@ -78,7 +99,7 @@ class MeanFieldGuide(AutoGuide):
     """
 
     #: Constraint of the flat scale parameter: ``exp`` of an unconstrained vector.
-    scale_constraint = constraints.positive
+    scale_constraint = exp_positive
 
     def __init__(
         self,
@@ -223,10 +244,26 @@ class MeanFieldGuidePosterior(MeanFieldPosterior):
     def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         site = self.guide._site(name)
         part = slice(site.start, site.stop)
-        return (
-            self.guide.loc.detach()[part].view(site.shape),
-            self.guide.scale.detach()[part].view(site.shape),
+        loc, scale = (self._constrained(attr, part).view(site.shape) for attr in ("loc", "scale"))
+        return loc, scale
+
+    def loc_log_scale(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        site = self.guide._site(name)
+        part = slice(site.start, site.stop)
+        (loc, loc_constraint), (rho, constraint) = (
+            _parameter(self.guide, attr) for attr in ("loc", "scale")
         )
+        real_loc = isinstance(loc_constraint, type(constraints.real))
+        if not (real_loc and isinstance(transform_to(constraint), ExpTransform)):
+            return None
+        return loc.detach()[part].view(site.shape), rho.detach()[part].view(site.shape)
+
+    def _constrained(self, attr: str, part: slice) -> torch.Tensor:
+        # the transform of the site's slice alone: reading the attribute would
+        # transform the whole flat vector, for every site
+        param, constraint = _parameter(self.guide, attr)
+        with torch.no_grad():
+            return transform_to(constraint)(param.detach()[part])
 
     def assign(self, name, where, loc, scale) -> None:
         site = self.guide._site(name)

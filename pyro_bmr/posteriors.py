@@ -73,6 +73,15 @@ class MeanFieldPosterior(ABC):
     def guide_masks(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Translate masks on model sites to masks on the guide's sample sites."""
 
+    def loc_log_scale(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Optional: for a guide that stores σ as ``exp`` of a tensor, the tensors it
+        stores for site ``name``, ``(loc, log_scale)``, each of the site's shape and
+        writable in place (``loc`` contiguous). Then
+        :meth:`~pyro_bmr.BayesianModelReduction.reduce` scores a large site and zeroes
+        its pruned locs in one fused pass. The default, ``None``, makes ``reduce`` use
+        :meth:`loc_scale` and :meth:`assign`."""
+        return None
+
 
 def register_posterior(
     guide_type: Type,

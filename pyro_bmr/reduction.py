@@ -177,7 +177,10 @@ class BayesianModelReduction(PruneMessenger):
         """
         sites = self.sites(*args, **kwargs)
         work = sum(site.numel() for site in sites.values())
-        scored = [self._score(name, site, work) for name, site in sites.items()]
+        storage = self._storage(sites, work)
+        if storage and not bool(_kernels.log_scales_valid([rho for _, rho in storage.values()])):
+            storage = {}  # one sync, before any loc is written; the plain path names the site
+        scored = [self._score(name, site, work, storage.get(name)) for name, site in sites.items()]
         if scored:
             flags = torch.stack([site.flags for site in scored]).cpu().tolist()
             for site, flag in zip(scored, flags):
@@ -195,8 +198,9 @@ class BayesianModelReduction(PruneMessenger):
             newly += int(old_count) - int(kept)
             pruned += site.numel - int(kept)
             gained += newly_df
-            zero = torch.zeros((), dtype=site.df.dtype, device=site.df.device)
-            self.posterior.assign(site.name, site.pruned, zero, None)
+            if not site.zeroed:
+                zero = torch.zeros((), dtype=site.df.dtype, device=site.df.device)
+                self.posterior.assign(site.name, site.pruned, zero, None)
             if self.update_posterior:
                 self.posterior.assign(site.name, site.keep, site.post[0], site.post[1])
             self._masks[site.name] = site.keep
@@ -211,21 +215,79 @@ class BayesianModelReduction(PruneMessenger):
             skipped=dict(self._skipped),
         )
 
-    def _score(self, name: str, site: GaussianSite, work: int) -> "_Scored":
+    def _old_mask(self, site: GaussianSite, device: torch.device) -> Optional[torch.Tensor]:
+        old = self._masks.get(site.name)
+        if old is not None:
+            if old.shape != site.shape:
+                raise ValueError(
+                    f"mask of shape {tuple(old.shape)} does not fit site {site.name!r} of "
+                    f"shape {tuple(site.shape)}"
+                )
+            old = old.to(device)
+        return old
+
+    def _storage(self, sites: Dict[str, GaussianSite], work: int) -> Dict[str, tuple]:
+        """Every site's ``posterior.loc_log_scale(name)`` where :meth:`reduce` can
+        score and prune in place (the point mass, a threshold known in advance, the
+        priors' dtype, and a site big enough to compile for); else ``{}``. All sites
+        or none, because all their scales are checked before any loc is written."""
+        if self.reduced_scale != 0 or self.rule._static_threshold() is None:
+            return {}
+        storage, worth = {}, False
+        for name, site in sites.items():
+            found = self.posterior.loc_log_scale(name)
+            if found is None:
+                return {}
+            loc, rho = found
+            dtype = _as_tensors(loc, rho, site.prior_loc, site.prior_scale)[0].dtype
+            if not (
+                dtype == loc.dtype == rho.dtype
+                and loc.shape == rho.shape == site.shape
+                and loc.is_contiguous()
+            ):
+                return {}
+            worth = worth or _kernels.compiles(loc.numel(), work, loc.device)
+            storage[name] = found
+        return storage if worth else {}
+
+    def _score_in_place(self, site: GaussianSite, work: int, storage: tuple) -> Optional["_Scored"]:
+        """:meth:`_score` on the guide's storage, zeroing the pruned locs in the same
+        pass; ``None`` for a site too small to compile for."""
+        loc, rho = storage
+        full = dict(dtype=loc.dtype, device=loc.device)
+        m, s = (torch.as_tensor(v, **full) for v in (site.prior_loc, site.prior_scale))
+        m_red = torch.full((), self.reduced_loc, **full)
+        tau = torch.full((), self.rule._static_threshold(), **full)
+        old = self._old_mask(site, loc.device)
+        old_bytes = None if old is None else old.reshape(-1).view(torch.uint8)
+        terms = spike_constants(m, s, m_red, site.shape)
+        done = _kernels.spike_prune(
+            loc.view(-1), rho.reshape(-1), *terms, m_red, tau, old_bytes, work
+        )
+        if done is None:
+            return None
+        out = _Scored(site.name, site.shape, old)
+        s_red = torch.zeros_like(m_red)
+        out.lazy_inputs = lambda: (loc, torch.exp(rho), m, s, m_red, s_red)
+        out.df, keep, stats = done
+        out.keep, out.zeroed = keep.view(torch.bool).view(site.shape), True
+        bad = torch.isnan(stats[3]).to(torch.float64)  # as in _score
+        out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+        return out
+
+    def _score(
+        self, name: str, site: GaussianSite, work: int, storage: Optional[tuple] = None
+    ) -> "_Scored":
         """ΔF of one site, with the rule's decision where it can be fused; no sync."""
+        if storage is not None:
+            out = self._score_in_place(site, work, storage)
+            if out is not None:
+                return out
         loc, scale = self.posterior.loc_scale(name)
         mu, sigma, m, s = _as_tensors(loc, scale, site.prior_loc, site.prior_scale)
         full = dict(dtype=mu.dtype, device=mu.device)
         m_red = torch.full((), self.reduced_loc, **full)
-        old = self._masks.get(name)
-        if old is not None:
-            if old.shape != site.shape:
-                raise ValueError(
-                    f"mask of shape {tuple(old.shape)} does not fit site {name!r} of shape "
-                    f"{tuple(site.shape)}"
-                )
-            old = old.to(mu.device)
-        out = _Scored(name, site.shape, old)
+        out = _Scored(name, site.shape, self._old_mask(site, mu.device))
         nan = torch.full((4,), float("nan"), dtype=torch.float64, device=mu.device)
         if self.reduced_scale == 0:
             out.inputs = (mu, sigma, m, s, m_red, torch.zeros((), **full))
@@ -288,6 +350,7 @@ class BayesianModelReduction(PruneMessenger):
             site.post = repaired[1:]
         site.finite = bool(torch.isfinite(site.df).all())
         site.keep = site.pruned = site.stats = None
+        site.zeroed = False
 
     def _decide(self, site: "_Scored", work: int) -> None:
         """The rule's decision and the counts for a site not decided in the ΔF pass."""
@@ -375,13 +438,26 @@ class _Scored:
         self.numel = shape.numel()
         self.df: torch.Tensor
         self.flags: torch.Tensor
-        self.inputs: tuple = ()
+        self._inputs: tuple = ()
+        self.lazy_inputs: Optional[Callable[[], tuple]] = None
+        self.zeroed = False  # pruned locs already zeroed by the fused pass
         self.keep: Optional[torch.Tensor] = None
         self.pruned: Optional[torch.Tensor] = None
         self.stats = None
         self.post: Optional[tuple] = None
         self.unsafe: Optional[torch.Tensor] = None
         self.finite = False
+
+    @property
+    def inputs(self) -> tuple:
+        """``(μ, σ, m, s, m̃, s̃)`` as tensors (σ computed on demand)."""
+        if self.lazy_inputs is not None:
+            self._inputs, self.lazy_inputs = self.lazy_inputs(), None
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, value: tuple) -> None:
+        self._inputs, self.lazy_inputs = value, None
 
     def old_bytes(self) -> Optional[torch.Tensor]:
         """The current mask as flat uint8 (a view), as the kernels take it."""

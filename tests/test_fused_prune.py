@@ -1,0 +1,154 @@
+"""``reduce`` on a guide that stores σ = exp(ρ): ΔF, the decision and the zeroing of
+pruned locs in one compiled pass, checked against the plain formula and rule."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_bmr import BayesianModelReduction, ThresholdRule, _kernels, delta_f
+from pyro_bmr.guides import MeanFieldGuide
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Fresh compile state, compiled kernels whatever the size."""
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_failed", set())
+    monkeypatch.setenv(_kernels.ENV_VAR, "1")
+    return monkeypatch
+
+
+def _model():
+    pyro.sample("w", dist.Normal(0.0, 1.0).expand([40, 30]).to_event(2))
+    pyro.sample("b", dist.Normal(torch.linspace(-1, 1, 30), 0.5).to_event(1))
+
+
+def _guide(seed=0):
+    pyro.clear_param_store()
+    guide = MeanFieldGuide(_model, init_scale=0.05)
+    guide()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        loc, rho = guide.loc_unconstrained, guide.scale_unconstrained
+        loc.copy_(torch.randn(loc.shape, generator=g) * torch.rand(loc.shape, generator=g))
+        rho.add_(0.5 * torch.randn(rho.shape, generator=g))
+    return guide
+
+
+def _plain(bmr):
+    out = {}
+    for name, site in bmr.sites().items():
+        loc, scale = (t.clone() for t in bmr.posterior.loc_scale(name))
+        out[name] = (loc, delta_f(loc, scale, site.prior_loc, site.prior_scale).delta_f)
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5])
+def test_fused_reduce_matches_the_plain_formula_rule_and_zeroing(compiled, threshold):
+    rule = ThresholdRule(threshold)
+    bmr = BayesianModelReduction(_guide(), rule)
+    masks = {}
+    for _ in range(2):
+        plain = _plain(bmr)
+        report = bmr.reduce()
+        pruned, gained = 0, 0.0
+        for name, (loc_before, df) in plain.items():
+            old = masks.get(name, torch.ones(df.shape, dtype=torch.bool))
+            # ln σ is read as ρ, not as ln(exp(ρ)): a few ulps of ΔF apart
+            assert torch.allclose(report.delta_f[name], df, rtol=1e-6, atol=1e-5)
+            near = (df - threshold).abs() < 1e-4
+            keep = rule.keep(df, old) & old
+            assert torch.equal(bmr.masks[name] | near, keep | near)
+            keep = bmr.masks[name]
+            loc_after = bmr.posterior.loc_scale(name)[0]
+            assert (loc_after[~keep] == 0).all()
+            assert torch.equal(loc_after[keep], loc_before[keep])  # kept: untouched
+            pruned += int((~keep).sum())
+            gained += report.delta_f[name][old & ~keep].double().sum().item()
+            masks[name] = keep
+        assert report.num_pruned == pruned
+        assert report.total_delta_f == pytest.approx(gained, rel=1e-6, abs=1e-6)
+        with torch.no_grad():  # more training moves the posterior
+            bmr.guide.loc_unconstrained.add_(0.3 * torch.randn(bmr.guide.loc.shape))
+    assert _kernels._spike_prune in _kernels._compiled  # the fused pass ran
+    assert "cpu" not in _kernels._failed
+
+
+def test_fused_reduce_decides_as_the_eager_path(compiled):
+    fused = BayesianModelReduction(_guide(1))
+    fused_report = fused.reduce()
+    compiled.setenv(_kernels.ENV_VAR, "0")
+    eager = BayesianModelReduction(_guide(1))
+    eager_report = eager.reduce()
+    for name, df in eager_report.delta_f.items():
+        near = df.abs() < 1e-4
+        assert torch.equal(fused.masks[name] | near, eager.masks[name] | near)
+        assert torch.equal(
+            fused.posterior.loc_scale(name)[0] * ~near, eager.posterior.loc_scale(name)[0] * ~near
+        )
+    assert fused_report.num_pruned == eager_report.num_pruned
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -200.0])
+def test_a_bad_scale_raises_naming_its_site_and_leaves_the_guide_untouched(compiled, bad):
+    guide = _guide()
+    with torch.no_grad():
+        guide.scale_unconstrained[-5] = bad  # in "b", the site scored last
+    before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    bmr = BayesianModelReduction(guide)
+    with pytest.raises(ValueError, match="guide scale of site 'b'"):
+        bmr.reduce()
+    for k, v in guide.named_parameters():
+        assert torch.equal(v.detach(), before[k]) or torch.equal(
+            v.detach().isnan(), before[k].isnan()
+        )
+    assert torch.equal(guide.loc_unconstrained.detach(), before["loc_unconstrained"])
+    assert dict(bmr.masks) == {}
+
+
+def test_fused_reduce_repairs_out_of_range_elements(compiled):
+    guide = _guide()
+    with torch.no_grad():
+        # |μ/σ| ≈ 2.5e19 overflows (μ/σ)² in float32 but not ΔF ≈ −3.1e38; the third
+        # has a σ so small that ΔF is −inf in truth: all three are kept, untouched
+        guide.loc_unconstrained[:3] = torch.tensor([2.5e19, -2.5e19, 1e30])
+        guide.scale_unconstrained[:3] = torch.tensor([0.0, 0.0, -100.0])
+    bmr = BayesianModelReduction(guide)
+    plain = _plain(bmr)
+    report = bmr.reduce()
+    loc_w, expected = plain["w"]
+    assert torch.isfinite(expected.view(-1)[:2]).all() and expected.view(-1)[2] == -float("inf")
+    assert torch.allclose(report.delta_f["w"], expected, rtol=1e-6, atol=1e-5)
+    assert bmr.masks["w"].view(-1)[:3].all()
+    assert torch.equal(bmr.posterior.loc_scale("w")[0].view(-1)[:3], loc_w.view(-1)[:3])
+    near = expected.abs() < 1e-4
+    assert torch.equal(bmr.masks["w"] | near, (expected <= 0) | near)
+
+
+def test_autonormal_takes_the_plain_path(compiled):
+    guide = pyro.infer.autoguide.AutoNormal(_model)
+    guide()
+    assert BayesianModelReduction(guide).posterior.loc_log_scale("w") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_reduce_on_cuda_matches_the_plain_formula(compiled):
+    with torch.device("cuda"):
+        guide = MeanFieldGuide(_model, init_scale=0.05)
+        guide()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        loc = guide.loc_unconstrained
+        loc.copy_((torch.randn(loc.shape, generator=g) * torch.rand(loc.shape, generator=g)))
+    bmr = BayesianModelReduction(guide)
+    plain = _plain(bmr)
+    report = bmr.reduce()
+    for name, (loc_before, df) in plain.items():
+        assert report.delta_f[name].device.type == "cuda"
+        assert torch.allclose(report.delta_f[name], df, rtol=1e-6, atol=1e-5)
+        near = df.abs() < 1e-4
+        assert torch.equal(bmr.masks[name] | near, (df <= 0) | near)
+        loc_after, keep = bmr.posterior.loc_scale(name)[0], bmr.masks[name]
+        assert (loc_after[~keep] == 0).all()
+        assert torch.equal(loc_after[keep], loc_before[keep])
