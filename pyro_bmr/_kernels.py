@@ -22,6 +22,7 @@ least :data:`COMPILE_MIN_NUMEL` elements, and then for its sites of at least
 small models (and unit tests) never compile.
 """
 
+import math
 import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Set, Tuple
@@ -273,14 +274,22 @@ def decide(
 _EXACT_FLOAT32_COUNT = 1 << 24
 
 
-def log_scales_valid(log_scales: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Whether every σ = exp(ρ) is finite and positive (0-dim bool, no sync), from
-    the extremes of each ρ."""
-    ends = [torch.stack(torch.aminmax(rho)) for rho in log_scales if rho.numel()]
-    if not ends:
-        return torch.ones((), dtype=torch.bool)
-    sigma = torch.exp(torch.cat(ends))
-    return (torch.isfinite(sigma) & (sigma > 0)).all()
+def _in_range(rho, low, high):
+    return ((rho >= low) & (rho <= high)).all()
+
+
+def log_scales_safe(log_scales: Sequence[torch.Tensor], work: Optional[int] = None) -> torch.Tensor:
+    """Whether every σ = exp(ρ) is certainly a normal, finite number (0-dim bool, no
+    sync): ρ within a margin of the logarithms of the dtype's smallest normal and
+    largest values. False for NaN, and for the absurd scales near those limits,
+    which the plain path then checks exactly."""
+    checks = []
+    for rho in log_scales:
+        if rho.numel():
+            info = torch.finfo(rho.dtype)
+            low, high = math.log(info.tiny) + 1, math.log(info.max) - 1
+            checks.append(_run(_in_range, _in_range, work, rho, rho, low, high))
+    return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
 
 
 def _spike_prune(loc, log_sigma, log_s, d_priors_sq, reduced_loc, threshold, old, count):

@@ -178,7 +178,7 @@ class BayesianModelReduction(PruneMessenger):
         sites = self.sites(*args, **kwargs)
         work = sum(site.numel() for site in sites.values())
         storage = self._storage(sites, work)
-        if storage and not bool(_kernels.log_scales_valid([rho for _, rho in storage.values()])):
+        if storage and not bool(_kernels.log_scales_safe([r for _, r in storage.values()], work)):
             storage = {}  # one sync, before any loc is written; the plain path names the site
         scored = [self._score(name, site, work, storage.get(name)) for name, site in sites.items()]
         if scored:
