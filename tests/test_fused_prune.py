@@ -113,7 +113,7 @@ def test_fused_reduce_repairs_out_of_range_elements(compiled):
         # |μ/σ| ≈ 2.5e19 overflows (μ/σ)² in float32 but not ΔF ≈ −3.1e38; the third
         # has a σ so small that ΔF is −inf in truth: all three are kept, untouched
         guide.loc_unconstrained[:3] = torch.tensor([2.5e19, -2.5e19, 1e30])
-        guide.scale_unconstrained[:3] = torch.tensor([0.0, 0.0, -100.0])
+        guide.scale_unconstrained[:3] = torch.tensor([0.0, 0.0, -80.0])
     bmr = BayesianModelReduction(guide)
     plain = _plain(bmr)
     report = bmr.reduce()
@@ -124,6 +124,7 @@ def test_fused_reduce_repairs_out_of_range_elements(compiled):
     assert torch.equal(bmr.posterior.loc_scale("w")[0].view(-1)[:3], loc_w.view(-1)[:3])
     near = expected.abs() < 1e-4
     assert torch.equal(bmr.masks["w"] | near, (expected <= 0) | near)
+    assert _kernels._spike_prune in _kernels._compiled  # the fused pass ran, then the repair
 
 
 def test_autonormal_takes_the_plain_path(compiled):
@@ -152,3 +153,16 @@ def test_fused_reduce_on_cuda_matches_the_plain_formula(compiled):
         loc_after, keep = bmr.posterior.loc_scale(name)[0], bmr.masks[name]
         assert (loc_after[~keep] == 0).all()
         assert torch.equal(loc_after[keep], loc_before[keep])
+
+
+def test_scales_near_the_dtype_limits_take_the_exact_plain_path(compiled):
+    guide = _guide()
+    with torch.no_grad():
+        guide.scale_unconstrained[0] = -100.0  # σ ≈ 3.7e-44: subnormal, but positive
+    bmr = BayesianModelReduction(guide)
+    assert not bool(_kernels.log_scales_safe([guide.scale_unconstrained.detach()]))
+    plain = _plain(bmr)
+    report = bmr.reduce()
+    for name, (_, df) in plain.items():
+        assert torch.allclose(report.delta_f[name], df, rtol=1e-6, atol=1e-5)
+    assert _kernels._spike_prune not in _kernels._compiled
