@@ -52,7 +52,7 @@ class _ExpPositive(constraints.Constraint):
         return "ExpPositive()"
 
 
-exp_positive = _ExpPositive()
+_exp_positive = _ExpPositive()
 biject_to.register(_ExpPositive)(lambda constraint: ExpTransform())
 transform_to.register(_ExpPositive)(lambda constraint: ExpTransform())
 
@@ -99,7 +99,7 @@ class MeanFieldGuide(AutoGuide):
     """
 
     #: Constraint of the flat scale parameter: ``exp`` of an unconstrained vector.
-    scale_constraint = exp_positive
+    scale_constraint = _exp_positive
 
     def __init__(
         self,
