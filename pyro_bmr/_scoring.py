@@ -1,0 +1,234 @@
+"""Scoring the sites of one reduction (private to :mod:`pyro_bmr.reduction`).
+
+For every site, ΔF, the rule's decision and the counts, computed on the parameters'
+device with the fused kernels of :mod:`pyro_bmr._kernels` where they apply, and with
+no host synchronisation until :meth:`Scoring.check` reads every site's flags at
+once. The rare paths (bad input, a ΔF out of the dtype's range, a rule that is not a
+threshold) are sorted out there and in :meth:`Scoring.decide`.
+"""
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from pyro_bmr import _kernels
+from pyro_bmr._kernels import spike_constants
+from pyro_bmr.delta_f import _as_tensors, _direct, _repair
+from pyro_bmr.sites import GaussianSite
+
+
+class Scoring:
+    """One reduction by ``bmr`` (a :class:`~pyro_bmr.BayesianModelReduction`) over
+    ``work`` elements in all."""
+
+    def __init__(self, bmr, work: int) -> None:
+        self.bmr, self.work = bmr, work
+
+    def _old_mask(self, site: GaussianSite, device: torch.device) -> Optional[torch.Tensor]:
+        old = self.bmr._masks.get(site.name)
+        if old is not None:
+            if old.shape != site.shape:
+                raise ValueError(
+                    f"mask of shape {tuple(old.shape)} does not fit site {site.name!r} of "
+                    f"shape {tuple(site.shape)}"
+                )
+            old = old.to(device)
+        return old
+
+    def storage(self, sites: Dict[str, GaussianSite]) -> Dict[str, tuple]:
+        """Every site's ``posterior.loc_log_scale(name)``, where the reduction can
+        score and prune in place (the point mass, a threshold known in advance, the
+        priors' dtype, and a site big enough to compile for); else ``{}``. All sites
+        or none, because all their scales are checked before any loc is written."""
+        if self.bmr.reduced_scale != 0 or self.bmr.rule._static_threshold() is None:
+            return {}
+        storage, worth = {}, False
+        for name, site in sites.items():
+            found = self.bmr.posterior.loc_log_scale(name)
+            if found is None:
+                return {}
+            loc, rho = found
+            dtype = _as_tensors(loc, rho, site.prior_loc, site.prior_scale)[0].dtype
+            if not (
+                dtype == loc.dtype == rho.dtype
+                and loc.shape == rho.shape == site.shape
+                and loc.is_contiguous()
+            ):
+                return {}
+            worth = worth or _kernels.compiles(loc.numel(), self.work, loc.device)
+            storage[name] = found
+        return storage if worth else {}
+
+    def _score_in_place(self, site: GaussianSite, storage: tuple) -> Optional["Scored"]:
+        """:meth:`score` on the guide's storage, zeroing the pruned locs in the same
+        pass; ``None`` for a site too small to compile for."""
+        loc, rho = storage
+        full = dict(dtype=loc.dtype, device=loc.device)
+        m, s = (torch.as_tensor(v, **full) for v in (site.prior_loc, site.prior_scale))
+        m_red = torch.full((), self.bmr.reduced_loc, **full)
+        tau = torch.full((), self.bmr.rule._static_threshold(), **full)
+        old = self._old_mask(site, loc.device)
+        old_bytes = None if old is None else old.reshape(-1).view(torch.uint8)
+        terms = spike_constants(m, s, m_red, site.shape)
+        done = _kernels.spike_prune(
+            loc.view(-1), rho.reshape(-1), *terms, m_red, tau, old_bytes, self.work
+        )
+        if done is None:
+            return None
+        out = Scored(site.name, site.shape, old)
+        s_red = torch.zeros_like(m_red)
+        out.lazy_inputs = lambda: (loc, torch.exp(rho), m, s, m_red, s_red)
+        out.df, keep, stats = done
+        out.keep, out.zeroed = keep.view(torch.bool).view(site.shape), True
+        bad = torch.isnan(stats[3]).to(torch.float64)  # as in score
+        out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+        return out
+
+    def score(self, name: str, site: GaussianSite, storage: Optional[tuple] = None) -> "Scored":
+        """ΔF of one site, with the rule's decision where it can be fused; no sync."""
+        if storage is not None:
+            out = self._score_in_place(site, storage)
+            if out is not None:
+                return out
+        loc, scale = self.bmr.posterior.loc_scale(name)
+        mu, sigma, m, s = _as_tensors(loc, scale, site.prior_loc, site.prior_scale)
+        full = dict(dtype=mu.dtype, device=mu.device)
+        m_red = torch.full((), self.bmr.reduced_loc, **full)
+        out = Scored(name, site.shape, self._old_mask(site, mu.device))
+        nan = torch.full((4,), float("nan"), dtype=torch.float64, device=mu.device)
+        if self.bmr.reduced_scale == 0:
+            out.inputs = (mu, sigma, m, s, m_red, torch.zeros((), **full))
+            terms = spike_constants(m, s, m_red, site.shape)
+            flat = (mu.reshape(-1), sigma.reshape(-1)) + terms + (m_red,)
+            tau = self.bmr.rule._static_threshold()
+            if tau is None:
+                out.df, probe = _kernels.spike_probe(*flat, self.work)
+                stats = nan
+            else:
+                tau = torch.full((), tau, **full)
+                out.df, keep, pruned, stats = _kernels.spike_threshold(
+                    *flat, tau, out.old_bytes(), self.work
+                )
+                out.set_masks(keep, pruned)
+                probe = stats[3]
+            # a non-finite ΔF (from a bad guide scale, or a value to evaluate in the
+            # log domain) shows as a NaN probe; check sorts out which
+            bad = torch.isnan(probe).to(torch.float64)
+            out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+            return out
+        out.inputs = (mu, sigma, m, s, m_red, torch.full((), self.bmr.reduced_scale, **full))
+        df, post_loc, post_scale, invalid, unsafe = _direct(
+            *out.inputs, posterior=self.bmr.update_posterior
+        )
+        out.df, out.unsafe = df.reshape(-1), unsafe
+        if self.bmr.update_posterior:
+            out.post = (post_loc, post_scale)
+        bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
+        flags = torch.stack([bad_scale | unsafe.any(), invalid.any()]).to(torch.float64)
+        out.flags = torch.cat([flags, nan])
+        return out
+
+    def check(self, site: "Scored", flag: list) -> None:
+        """Raise for bad input, and redo in the log domain the elements whose ΔF left
+        the dtype's range (a rare path: syncs freely)."""
+        suspect, too_wide = flag[0], flag[1]
+        if suspect:
+            sigma = site.inputs[1]
+            if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+                raise ValueError(
+                    f"guide scale of site {site.name!r} has NaN, inf or non-positive values"
+                )
+        if too_wide:
+            raise ValueError(
+                f"reduced prior (scale {self.bmr.reduced_scale}) is too wide for site "
+                f"{site.name!r}: the reduced posterior precision is not positive"
+            )
+        if not suspect:
+            site.finite = True
+            if site.keep is not None:
+                site.stats = flag[2:]
+            return
+        df = site.df.view(site.shape)
+        unsafe = site.unsafe if site.unsafe is not None else ~torch.isfinite(df)
+        values = (df,) if site.post is None else (df,) + site.post
+        repaired = _repair(values, unsafe, site.inputs)
+        site.df = repaired[0].reshape(-1)
+        if site.post is not None:
+            site.post = repaired[1:]
+        site.finite = bool(torch.isfinite(site.df).all())
+        site.keep = site.pruned = site.stats = None
+        site.zeroed = False
+
+    def decide(self, site: "Scored") -> None:
+        """The rule's decision and the counts for a site not decided in the ΔF pass."""
+        tau = None
+        if site.finite:
+            tau = self.bmr.rule._static_threshold()
+            if tau is not None:
+                tau = torch.full((), tau, dtype=site.df.dtype, device=site.df.device)
+            else:
+                old_f = None
+                if site.old is not None:
+                    old_f = self.bmr._float_mask(site.old, site.df.dtype).reshape(-1)
+                tau = self.bmr.rule._site_threshold(site.df, old_f, self.work)
+        if tau is not None:
+            keep, pruned, site.stats = _kernels.decide(site.df, tau, site.old_bytes(), self.work)
+            site.set_masks(keep, pruned)
+            return
+        # any other rule, or ΔF with infinities: the rule's own keep, counted exactly
+        df = site.df.view(site.shape)
+        old = site.old
+        if old is None:
+            old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
+        site.keep = self.bmr.rule.keep(df, old) & old
+        site.pruned = ~site.keep
+        drop = _kernels.float_mask(old & site.pruned, df.dtype).reshape(-1)
+        f64 = torch.float64
+        site.stats = torch.stack(
+            [
+                old.count_nonzero().to(f64),
+                site.keep.count_nonzero().to(f64),
+                (site.df * drop).nansum().to(f64),  # 0·inf is NaN: not pruned now
+                torch.zeros((), dtype=f64, device=df.device),
+            ]
+        )
+
+
+class Scored:
+    """What a reduction knows about one site as it goes:
+    flat ΔF, the new mask and its complement (bool, the site's shape), and
+    ``stats`` = [kept before, kept after, ΔF summed over the newly pruned, ...]."""
+
+    def __init__(self, name: str, shape: torch.Size, old: Optional[torch.Tensor]) -> None:
+        self.name, self.shape, self.old = name, shape, old
+        self.numel = shape.numel()
+        self.df: torch.Tensor
+        self.flags: torch.Tensor
+        self._inputs: tuple = ()
+        self.lazy_inputs: Optional[Callable[[], tuple]] = None
+        self.zeroed = False  # pruned locs already zeroed by the fused pass
+        self.keep: Optional[torch.Tensor] = None
+        self.pruned: Optional[torch.Tensor] = None
+        self.stats = None
+        self.post: Optional[tuple] = None
+        self.unsafe: Optional[torch.Tensor] = None
+        self.finite = False
+
+    @property
+    def inputs(self) -> tuple:
+        """``(μ, σ, m, s, m̃, s̃)`` as tensors (σ computed on demand)."""
+        if self.lazy_inputs is not None:
+            self._inputs, self.lazy_inputs = self.lazy_inputs(), None
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, value: tuple) -> None:
+        self._inputs, self.lazy_inputs = value, None
+
+    def old_bytes(self) -> Optional[torch.Tensor]:
+        """The current mask as flat uint8 (a view), as the kernels take it."""
+        return None if self.old is None else self.old.reshape(-1).view(torch.uint8)
+
+    def set_masks(self, keep: torch.Tensor, pruned: torch.Tensor) -> None:
+        self.keep = keep.view(torch.bool).view(self.shape)
+        self.pruned = pruned.view(torch.bool).view(self.shape)
