@@ -2,6 +2,8 @@ import pyro
 import pytest
 import torch
 
+from pyro_bmr import _kernels
+
 # The tests' tensors are small: on two cores, a second intra-op thread mostly
 # waits, and on a busy machine it makes SVI steps many times slower.
 torch.set_num_threads(1)
@@ -27,3 +29,12 @@ def sparse_regression():
     w[:5] = torch.tensor([2.0, -1.5, 1.0, 3.0, -2.0])
     y = X @ w + 0.5 * torch.randn(n, generator=g)
     return X, y, w
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Fresh compile state; eager kernels unless a test asks otherwise."""
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_failed", set())
+    monkeypatch.setenv(_kernels.ENV_VAR, "0")
+    return monkeypatch

@@ -11,12 +11,10 @@ from pyro_bmr.guides import MeanFieldGuide
 
 
 @pytest.fixture
-def compiled(monkeypatch):
+def compiled(kernels):
     """Fresh compile state, compiled kernels whatever the size."""
-    monkeypatch.setattr(_kernels, "_compiled", {})
-    monkeypatch.setattr(_kernels, "_failed", set())
-    monkeypatch.setenv(_kernels.ENV_VAR, "1")
-    return monkeypatch
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    return kernels
 
 
 def _model():

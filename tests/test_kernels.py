@@ -12,15 +12,6 @@ from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, _k
 from pyro_bmr.delta_f import _as_tensors, _direct
 
 
-@pytest.fixture
-def kernels(monkeypatch):
-    """Fresh compile state; eager kernels unless a test asks otherwise."""
-    monkeypatch.setattr(_kernels, "_compiled", {})
-    monkeypatch.setattr(_kernels, "_failed", set())
-    monkeypatch.setenv(_kernels.ENV_VAR, "0")
-    return monkeypatch
-
-
 def _posterior(n, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     loc = (torch.randn(n, generator=g) * torch.rand(n, generator=g)).to(dtype)
