@@ -99,6 +99,12 @@ def test_bayesian_model_reduction_reads_and_prunes_the_guide():
     part = guide._site("w")
     assert torch.equal(loc, guide.loc.detach()[part.start : part.stop].view(2, 3))
     assert torch.equal(scale, guide.scale.detach()[part.start : part.stop].view(2, 3))
+    # σ = exp(ρ) exactly, and reduce's fused path gets views of the parameters
+    assert torch.equal(guide.scale.detach(), guide.scale_unconstrained.detach().exp())
+    loc_view, rho_view = posterior.loc_log_scale("w")
+    offset = part.start * loc_view.element_size()
+    assert loc_view.data_ptr() == guide.loc_unconstrained.data_ptr() + offset
+    assert torch.equal(rho_view.exp(), scale)
 
     bmr = BayesianModelReduction(guide, sites=["w"])
     bmr.sites(x)
