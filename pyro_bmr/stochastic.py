@@ -37,7 +37,9 @@ class StochasticBMR:
     (``pyro.optim.Adam({"lr": 1e-3})``, run through :class:`~pyro.infer.SVI`) or a
     ``torch.optim`` optimiser class or factory taking the parameters (run through
     the ``elbo(model, guide)`` module, e.g. ``functools.partial(torch.optim.Adam,
-    lr=1e-3)``).
+    lr=1e-3)``). Prefer torch's fused Adam (``pyro.optim.Adam({"lr": 1e-3, "fused":
+    True})``): the default one slows down on the exactly-zero gradients of pruned
+    elements (see :doc:`/howto/gpu`).
 
     :param model: a Pyro model with Gaussian priors.
     :param guide: its mean-field Gaussian guide (e.g. ``AutoNormal(model)``).
