@@ -51,7 +51,9 @@ def compile_mode() -> str:
     raise ValueError(f"{ENV_VAR} must be 0, 1 or auto, got {value!r}")
 
 
-def _use_compiled(fn: Optional[Callable], numel: int, work: int, device: torch.device) -> bool:
+def compiles(numel: int, work: int, device: torch.device) -> bool:
+    """Whether a site of ``numel`` elements, in a reduction of ``work``, runs
+    compiled kernels."""
     mode = compile_mode()
     if mode == "never":
         return False
@@ -60,18 +62,12 @@ def _use_compiled(fn: Optional[Callable], numel: int, work: int, device: torch.d
     return device.type not in _failed and not torch.compiler.is_compiling()
 
 
-def compiles(numel: int, work: int, device: torch.device) -> bool:
-    """Whether a site of ``numel`` elements, in a reduction of ``work``, runs
-    compiled kernels."""
-    return _use_compiled(None, numel, work, device)
-
-
 def _run(fn: Callable, eager: Callable, work: Optional[int], like: torch.Tensor, *args):
     """``fn(*args)`` compiled where worthwhile, else ``eager(*args)`` (same result).
     ``like`` is a flat input, ``work`` the elements of the whole reduction (default:
     those of ``like``)."""
     numel, device = like.numel(), like.device
-    if _use_compiled(fn, numel, numel if work is None else work, device):
+    if compiles(numel, numel if work is None else work, device):
         compiled = _compiled.get(fn)
         if compiled is None:
             # a few small kernels: compiling in this process beats starting workers

@@ -38,8 +38,10 @@ class Scoring:
     def storage(self, sites: Dict[str, GaussianSite]) -> Dict[str, tuple]:
         """Every site's ``posterior.loc_log_scale(name)``, where the reduction can
         score and prune in place (the point mass, a threshold known in advance, the
-        priors' dtype, and a site big enough to compile for); else ``{}``. All sites
-        or none, because all their scales are checked before any loc is written."""
+        priors' dtype, a site big enough to compile for, and every scale certainly
+        valid); else ``{}``. All sites or none, because all their scales are checked,
+        in one host sync, before any loc is written: bad input then takes the plain
+        path, which names the site."""
         if self.bmr.reduced_scale != 0 or self.bmr.rule._static_threshold() is None:
             return {}
         storage, worth = {}, False
@@ -57,31 +59,31 @@ class Scoring:
                 return {}
             worth = worth or _kernels.compiles(loc.numel(), self.work, loc.device)
             storage[name] = found
-        return storage if worth else {}
+        if not worth:
+            return {}
+        safe = _kernels.log_scales_safe([rho for _, rho in storage.values()], self.work)
+        return storage if bool(safe) else {}
 
     def _score_in_place(self, site: GaussianSite, storage: tuple) -> Optional["Scored"]:
         """:meth:`score` on the guide's storage, zeroing the pruned locs in the same
         pass; ``None`` for a site too small to compile for."""
         loc, rho = storage
+        m, s = _as_tensors(loc, rho, site.prior_loc, site.prior_scale)[2:]
         full = dict(dtype=loc.dtype, device=loc.device)
-        m, s = (torch.as_tensor(v, **full) for v in (site.prior_loc, site.prior_scale))
         m_red = torch.full((), self.bmr.reduced_loc, **full)
         tau = torch.full((), self.bmr.rule._static_threshold(), **full)
-        old = self._old_mask(site, loc.device)
-        old_bytes = None if old is None else old.reshape(-1).view(torch.uint8)
+        out = Scored(site.name, site.shape, self._old_mask(site, loc.device))
         terms = spike_constants(m, s, m_red, site.shape)
         done = _kernels.spike_prune(
-            loc.view(-1), rho.reshape(-1), *terms, m_red, tau, old_bytes, self.work
+            loc.view(-1), rho.reshape(-1), *terms, m_red, tau, out.old_bytes(), self.work
         )
         if done is None:
             return None
-        out = Scored(site.name, site.shape, old)
         s_red = torch.zeros_like(m_red)
         out.lazy_inputs = lambda: (loc, torch.exp(rho), m, s, m_red, s_red)
         out.df, keep, stats = done
         out.keep, out.zeroed = keep.view(torch.bool).view(site.shape), True
-        bad = torch.isnan(stats[3]).to(torch.float64)  # as in score
-        out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+        out.flags = _spike_flags(stats[3], stats)
         return out
 
     def score(self, name: str, site: GaussianSite, storage: Optional[tuple] = None) -> "Scored":
@@ -111,10 +113,7 @@ class Scoring:
                 )
                 out.set_masks(keep, pruned)
                 probe = stats[3]
-            # a non-finite ΔF (from a bad guide scale, or a value to evaluate in the
-            # log domain) shows as a NaN probe; check sorts out which
-            bad = torch.isnan(probe).to(torch.float64)
-            out.flags = torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+            out.flags = _spike_flags(probe, stats)
             return out
         out.inputs = (mu, sigma, m, s, m_red, torch.full((), self.bmr.reduced_scale, **full))
         df, post_loc, post_scale, invalid, unsafe = _direct(
@@ -194,10 +193,18 @@ class Scoring:
         )
 
 
+def _spike_flags(probe: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """A spike site's flags for :meth:`Scoring.check`: [suspect, 0, *stats]. A
+    non-finite ΔF (from a bad guide scale, or a value to evaluate in the log domain)
+    shows as a NaN probe; ``check`` sorts out which."""
+    bad = torch.isnan(probe).to(torch.float64)
+    return torch.cat([torch.stack([bad, torch.zeros_like(bad)]), stats])
+
+
 class Scored:
-    """What a reduction knows about one site as it goes:
-    flat ΔF, the new mask and its complement (bool, the site's shape), and
-    ``stats`` = [kept before, kept after, ΔF summed over the newly pruned, ...]."""
+    """What a reduction knows about one site as it goes: flat ΔF, the new mask and
+    its complement (bool, the site's shape), and ``stats`` = [kept before, kept
+    after, ΔF summed over the newly pruned, ...]."""
 
     def __init__(self, name: str, shape: torch.Size, old: Optional[torch.Tensor]) -> None:
         self.name, self.shape, self.old = name, shape, old

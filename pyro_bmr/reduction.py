@@ -5,7 +5,6 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from pyro_bmr import _kernels
 from pyro_bmr._scoring import Scoring
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
 from pyro_bmr.prune_messenger import PruneMessenger
@@ -178,8 +177,6 @@ class BayesianModelReduction(PruneMessenger):
         work = sum(site.numel() for site in sites.values())
         scoring = Scoring(self, work)
         storage = scoring.storage(sites)
-        if storage and not bool(_kernels.log_scales_safe([r for _, r in storage.values()], work)):
-            storage = {}  # one sync, before any loc is written; the plain path names the site
         scored = [scoring.score(name, site, storage.get(name)) for name, site in sites.items()]
         if scored:
             flags = torch.stack([site.flags for site in scored]).cpu().tolist()

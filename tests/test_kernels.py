@@ -124,7 +124,7 @@ def test_compile_mode_reads_the_environment(kernels):
     kernels.delenv(_kernels.ENV_VAR)
     assert _kernels.compile_mode() == "auto"
     small = torch.zeros(10)
-    assert not _kernels._use_compiled(_kernels._spike_probe, 10, 10, small.device)
+    assert not _kernels.compiles(10, 10, small.device)
 
 
 def _wide_model():
