@@ -12,8 +12,9 @@ exactly zero, and so are their Adam moments, and on some CPUs ``torch.sqrt`` of 
 exact zero is many times slower than of a positive number (PyTorch's vectorised
 square root, not this package), which Adam's step then pays for every pruned
 element. A third measurement isolates that: the plain step with the pruned
-elements' gradients zeroed before Adam's step. Pyro's distribution validation is on,
-as by default (``--no-validation`` turns it off for all).
+elements' gradients zeroed before Adam's step. A fourth times both full steps with
+torch's fused Adam (``fused=True``), which has no such cost. Pyro's distribution
+validation is on, as by default (``--no-validation`` turns it off for all).
 
 Run: ``python benchmarks/bench_handler.py [--steps 300] [--threads N] [--device cpu]
 [--clock wall|cpu]``.
