@@ -16,7 +16,7 @@ and the posterior-mean predictions of the reduced model, the median latency at
 batch 1 and batch 256 (``torch.inference_mode``, interleaved rounds of 1000 and 20
 calls, median of the per-round ratios) and the bytes of ``torch.save(state_dict())``. First, the dense
 and CSR products of a 300x784 layer are timed at several densities, which is where
-``pyro_bmr.export.SPARSE_DENSITY`` comes from.
+``pyro_bmr.deterministic.SPARSE_DENSITY`` comes from.
 
 Run from the repository root::
 
@@ -36,11 +36,12 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_bmr import BayesianModelReduction, ThresholdRule
-from pyro_bmr.data import load_dataset
-from pyro_bmr.export import export, posterior_mean
+from pyro_bmr.deterministic import export, guide_means
 from pyro_bmr.guides import MeanFieldGuide
-from pyro_bmr.local_reparam import local_reparameterization
-from pyro_bmr.nn import BayesianClassifier, GaussianPrior, LeNet300100
+from pyro_bmr.nn import BayesianClassifier, GaussianPrior
+from pyro_bmr.paper.data import load_dataset
+from pyro_bmr.paper.networks import LeNet300100
+from pyro_bmr.poutine import local_reparameterization
 
 KEEP = 0.02
 
@@ -175,7 +176,7 @@ def main():
     print(f"exported: {exported}")
 
     with torch.no_grad():
-        means = posterior_mean(guide, x, bmr=bmr)
+        means = guide_means(guide, x, bmr=bmr)
         reference = poutine.condition(model, data=means)(x)
         diff = (exported(x) - reference).abs().max().item()
         diff1 = (exported(x[:1]) - reference[:1]).abs().max().item()

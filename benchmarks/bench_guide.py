@@ -11,7 +11,7 @@ and Adam (lr 1e-3) throughout. Timed, interleaved in this process, on the same b
   of the arithmetic alone, a lower bound for any Pyro guide of this family;
 * ``AutoNormal``: ``svi.step`` with Pyro's ``AutoNormal``;
 * ``MeanFieldGuide``: ``svi.step`` with :class:`pyro_bmr.MeanFieldGuide`;
-* ``MeanFieldGuide+local``: the same inside :func:`pyro_bmr.local_reparameterization`
+* ``MeanFieldGuide+local``: the same inside :func:`pyro_bmr.poutine.local_reparameterization`
   (pre-activations sampled, KL in closed form);
 * ``...+local+BMR``: the same through ``bmr(model), bmr(guide)`` with 90% of every site
   pruned (masks reach the pre-activation mean and variance).
@@ -43,10 +43,11 @@ from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 from pyro_bmr import BayesianModelReduction, PruningRule
-from pyro_bmr.data import load_dataset
 from pyro_bmr.guides import MeanFieldGuide
-from pyro_bmr.local_reparam import local_reparameterization
-from pyro_bmr.nn import BayesianClassifier, GaussianPrior, LeNet300100, predict_proba
+from pyro_bmr.nn import BayesianClassifier, GaussianPrior, predict_proba
+from pyro_bmr.paper.data import load_dataset
+from pyro_bmr.paper.networks import LeNet300100
+from pyro_bmr.poutine import local_reparameterization
 
 BATCH = 128
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -37,7 +37,6 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, delta_f
-from pyro_bmr._scoring import Scoring
 from pyro_bmr.guides import MeanFieldGuide
 from pyro_bmr.posteriors import mean_field_posterior
 
@@ -152,7 +151,7 @@ def main():
         bmr = BayesianModelReduction(guide, rule)
         worst = _check(bmr, x, rule)
         ms = _measure(bmr, x, names, restore, timed, args.repeats)
-        fused = bool(Scoring(bmr, 1 << 30).storage(bmr.sites(x)))
+        fused = bool(bmr._scoring(1 << 30).storage(bmr.sites(x)))
         share = (
             "(it reads and writes the guide's storage in place: neither call is made)"
             if fused

@@ -1,6 +1,6 @@
 """Seconds per epoch of Tiered-FF (regularised horseshoe) and BMR on LeNet-300-100.
 
-Both methods run through :func:`pyro_bmr.nn.fit_method` on the same MNIST subset,
+Both methods run through :func:`pyro_bmr.paper.fit_method` on the same MNIST subset,
 batch size, learning rate and seed: ``tiered-ff`` is the regularised horseshoe prior
 with ``AutoNormal`` over every latent site; ``bmr`` is the per-layer scale prior
 with ``AutoNormal``, trained by ``StochasticBMR`` and reduced after every epoch
@@ -22,8 +22,8 @@ import statistics
 
 import torch
 
-from pyro_bmr.data import load_dataset, make_loaders
-from pyro_bmr.nn import fit_method
+from pyro_bmr.paper import fit_method
+from pyro_bmr.paper.data import load_dataset, make_loaders
 
 METHODS = ("tiered-ff", "bmr")
 

@@ -3,21 +3,25 @@
 The data path, one module per stage: trace the model and find its Gaussian sites
 (:mod:`pyro_bmr.sites`), read the guide's mean-field posterior
 (:mod:`pyro_bmr.posteriors`), score reduced models in closed form
-(:mod:`pyro_bmr.delta_f`), decide (:mod:`pyro_bmr.rules`), keep masks and apply
-them as an effect handler (:mod:`pyro_bmr.reduction`,
-:mod:`pyro_bmr.prune_messenger`), and train with reductions between epochs
-(:mod:`pyro_bmr.stochastic`). Faster guides for Bayesian layers live in
-:mod:`pyro_bmr.guides` and :mod:`pyro_bmr.local_reparam`; :mod:`pyro_bmr.export`
-turns a reduced network into a plain, smaller ``torch.nn.Module``.
+(:mod:`pyro_bmr.free_energy`), decide (:mod:`pyro_bmr.rules`), keep the masks
+(:mod:`pyro_bmr.reduction`) and apply them with an effect handler
+(:mod:`pyro_bmr.poutine`), and train with reductions between epochs
+(:mod:`pyro_bmr.stochastic`). :mod:`pyro_bmr.guides` holds a lean mean-field guide
+for Bayesian networks, :mod:`pyro_bmr.nn` makes any ``torch.nn.Module`` Bayesian,
+and :mod:`pyro_bmr.deterministic` turns a reduced network into a plain, smaller
+``torch.nn.Module``.
+
+The paper's comparison (its four methods, networks, data, metrics, figures and
+the ``pyro-bmr`` command) is an application of the library, in
+:mod:`pyro_bmr.paper`; nothing here imports it.
 """
 
-from pyro_bmr.delta_f import DeltaF, delta_f
-from pyro_bmr.distributions import PrunedNormal
-from pyro_bmr.export import LinearChain, export, posterior_mean
+from pyro_bmr import poutine
+from pyro_bmr._masks import MaskError
+from pyro_bmr.deterministic import export, guide_means
+from pyro_bmr.free_energy import DeltaF, delta_f
 from pyro_bmr.guides import MeanFieldGuide, make_guide
-from pyro_bmr.local_reparam import LocalReparameterizationMessenger, local_reparameterization
-from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior, register_posterior
-from pyro_bmr.prune_messenger import PruneMessenger, prune
+from pyro_bmr.posteriors import MeanFieldPosterior, register_posterior
 from pyro_bmr.reduction import BayesianModelReduction
 from pyro_bmr.report import ReductionReport, Sparsity
 from pyro_bmr.rules import PruningRule, SpikeAndSlabRule, ThresholdRule
@@ -30,12 +34,9 @@ __all__ = [
     "BayesianModelReduction",
     "DeltaF",
     "GaussianSite",
-    "LinearChain",
-    "LocalReparameterizationMessenger",
+    "MaskError",
     "MeanFieldGuide",
     "MeanFieldPosterior",
-    "PruneMessenger",
-    "PrunedNormal",
     "PruningRule",
     "ReductionReport",
     "Sparsity",
@@ -45,10 +46,8 @@ __all__ = [
     "delta_f",
     "export",
     "find_gaussian_sites",
-    "local_reparameterization",
+    "guide_means",
     "make_guide",
-    "mean_field_posterior",
-    "posterior_mean",
-    "prune",
+    "poutine",
     "register_posterior",
 ]

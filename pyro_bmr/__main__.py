@@ -1,8 +1,6 @@
-"""``python -m pyro_bmr``: the ``pyro-bmr`` command."""
+"""``python -m pyro_bmr``: the ``pyro-bmr`` command of :mod:`pyro_bmr.paper.cli`."""
 
-import sys
-
-from .cli import main
+from pyro_bmr.paper.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -14,20 +14,11 @@ scale, the common case of a Bayesian network, with a hand-written backward pass;
 :func:`kl_elementwise` for any prior. Used by :mod:`pyro_bmr.local_reparam`.
 """
 
-from typing import Optional, Tuple, Union
-
 import torch
 
-__all__ = ["compact", "float_mask", "kl_elementwise", "kl_sum", "shared_masks"]
+from pyro_bmr._masks import float_mask
 
-
-def compact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its broadcast (stride-0) dimensions, so that arithmetic on a
-    prior like ``Normal(0, 1).expand(shape)`` costs one element, not ``shape``."""
-    for dim in range(t.dim()):
-        if t.stride(dim) == 0 and t.shape[dim] > 1:
-            t = t.narrow(dim, 0, 1)
-    return t
+__all__ = ["kl_elementwise", "kl_sum", "mask_and_count", "shared_masks"]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -37,8 +28,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def shared_masks(
-    keep_q: Optional[torch.Tensor], keep_p: Optional[torch.Tensor]
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    keep_q: torch.Tensor | None, keep_p: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(kept, mixed)``: elements kept by both guide and prior, and elements kept
     by only one of them (infinite KL); ``None`` stands for all and none."""
     if keep_q is None and keep_p is None:
@@ -50,9 +41,9 @@ def shared_masks(
     return keep_q & keep_p, keep_q ^ keep_p
 
 
-def float_mask(keep: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def mask_and_count(keep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A bool mask as 0/1 floats, and its number of ones."""
-    mask = keep.to(dtype)
+    mask = float_mask(keep, dtype)
     return mask, mask.sum()
 
 
@@ -62,8 +53,8 @@ def kl_sum(
     var: torch.Tensor,
     prior_loc: torch.Tensor,
     prior_scale: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    num_kept: Union[int, torch.Tensor, None] = None,
+    mask: torch.Tensor | None = None,
+    num_kept: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The KL summed over the kept elements, for a prior with one loc and one scale.
 
@@ -94,8 +85,8 @@ def kl_elementwise(
     scale: torch.Tensor,
     prior_loc: torch.Tensor,
     prior_scale: torch.Tensor,
-    keep: Optional[torch.Tensor] = None,
-    mixed: Optional[torch.Tensor] = None,
+    keep: torch.Tensor | None = None,
+    mixed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The KL of every element (zero where not ``keep``, infinite where ``mixed``)."""
     m, s = prior_loc, prior_scale

@@ -12,7 +12,7 @@ Compilation is lazy (the first time a big enough reduction calls a kernel, then
 cached per process) and guarded: if compiling or running a compiled kernel fails, a
 warning is issued and the eager kernels are used on that device from then on. The
 eager kernels compute the same expressions; :func:`spike_delta_f` in eager mode is
-bitwise equal to the general formula of :mod:`pyro_bmr.delta_f` at
+bitwise equal to the general formula of :mod:`pyro_bmr.free_energy` at
 :math:`\\tilde s = 0`, and compiled kernels agree with it to a few ulps.
 
 The environment variable ``PYRO_BMR_COMPILE`` chooses: ``0`` never compiles, ``1``
@@ -25,9 +25,13 @@ small models (and unit tests) never compile.
 import math
 import os
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
+
+from pyro_bmr._masks import float_mask
+from pyro_bmr.free_energy import spike_delta_f
+from pyro_bmr.rules import PruningRule
 
 ENV_VAR = "PYRO_BMR_COMPILE"
 #: in ``auto`` mode, compile when a reduction covers at least this many elements...
@@ -35,8 +39,8 @@ COMPILE_MIN_NUMEL = 1 << 20
 #: ...and then for its sites of at least this many (biases are not worth a call)
 COMPILE_MIN_SITE = 1 << 16
 
-_compiled: Dict[Callable, Callable] = {}
-_failed: Set[str] = set()  # device types where compiling failed
+_compiled: dict[Callable, Callable] = {}
+_failed: set[str] = set()  # device types where compiling failed
 
 
 def compile_mode() -> str:
@@ -62,7 +66,7 @@ def compiles(numel: int, work: int, device: torch.device) -> bool:
     return device.type not in _failed and not torch.compiler.is_compiling()
 
 
-def _run(fn: Callable, eager: Callable, work: Optional[int], like: torch.Tensor, *args):
+def _run(fn: Callable, eager: Callable, work: int | None, like: torch.Tensor, *args):
     """``fn(*args)`` compiled where worthwhile, else ``eager(*args)`` (same result).
     ``like`` is a flat input, ``work`` the elements of the whole reduction (default:
     those of ``like``)."""
@@ -89,39 +93,7 @@ def _run(fn: Callable, eager: Callable, work: Optional[int], like: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------
-# ΔF of the spike: ln s − ln σ − ½((μ − m̃)/σ)² + ½((m̃ − m)/s)²
-
-
-def spike_constants(
-    prior_loc: torch.Tensor,
-    prior_scale: torch.Tensor,
-    reduced_loc: torch.Tensor,
-    shape: Optional[torch.Size] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The terms of the spike ΔF that do not involve the posterior, ``(ln s,
-    ((m̃ − m)/s)²)``, computed once per distinct prior value (a broadcast prior costs
-    one element). With ``shape``, each is returned either 0-dim or flattened over
-    ``shape``, as the flat kernels take them; else broadcastable to the prior."""
-    prior_loc, prior_scale = _compact(prior_loc), _compact(prior_scale)
-    d_priors = (reduced_loc - prior_loc) / prior_scale
-    terms = torch.log(prior_scale), d_priors * d_priors
-    if shape is None:
-        return terms
-    return tuple(t if t.dim() == 0 else t.expand(shape).reshape(-1) for t in terms)
-
-
-def spike_delta_f(
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    log_s: torch.Tensor,
-    d_priors_sq: torch.Tensor,
-    reduced_loc: torch.Tensor,
-) -> torch.Tensor:
-    """ΔF of the point mass at ``reduced_loc``, with broadcasting; the operations and
-    their order are those of the general formula at :math:`\\tilde s = 0`, where
-    :math:`g = \\sigma`, :math:`a = \\kappa = 1` and :math:`b = 0`."""
-    d_red = (mu - reduced_loc) / sigma
-    return (log_s - torch.log(sigma)) - 0.5 * (d_red * d_red - d_priors_sq)
+# ΔF of the spike (:func:`~pyro_bmr.free_energy.spike_delta_f`) in two buffers
 
 
 def _spike_inplace(mu, sigma, log_s, d_priors_sq, reduced_loc) -> torch.Tensor:
@@ -222,9 +194,9 @@ def spike_threshold(
     d_priors_sq: torch.Tensor,
     reduced_loc: torch.Tensor,
     threshold: torch.Tensor,
-    old: Optional[torch.Tensor],
-    work: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    old: torch.Tensor | None,
+    work: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ΔF, keep, pruned, stats)`` for the flat tensors ``mu`` and ``sigma`` of one
     site, ``keep = (ΔF ≤ threshold) ∧ old`` (masks as uint8; see above)."""
     args = (mu, sigma, log_s, d_priors_sq, reduced_loc, threshold)
@@ -239,8 +211,8 @@ def spike_probe(
     log_s: torch.Tensor,
     d_priors_sq: torch.Tensor,
     reduced_loc: torch.Tensor,
-    work: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    work: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ΔF of the flat tensors of one site and ``Σ 0·ΔF`` (0 exactly when all finite)."""
     args = (mu, sigma, log_s, d_priors_sq, reduced_loc)
     return _run(_spike_probe, _eager_spike_probe, work, mu, *args)
@@ -249,9 +221,9 @@ def spike_probe(
 def decide(
     df: torch.Tensor,
     threshold: torch.Tensor,
-    old: Optional[torch.Tensor],
-    work: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    old: torch.Tensor | None,
+    work: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(keep, pruned, stats)`` as in :func:`spike_threshold`, for a flat, finite ΔF."""
     if old is None:
         return _run(_decide_first, _eager_decide, work, df, df, threshold, None)
@@ -274,7 +246,7 @@ def _in_range(rho, low, high):
     return ((rho >= low) & (rho <= high)).all()
 
 
-def log_scales_safe(log_scales: Sequence[torch.Tensor], work: Optional[int] = None) -> torch.Tensor:
+def log_scales_safe(log_scales: Sequence[torch.Tensor], work: int | None = None) -> torch.Tensor:
     """Whether every σ = exp(ρ) is certainly a normal, finite number (0-dim bool, no
     sync): ρ within a margin of the logarithms of the dtype's smallest normal and
     largest values. False for NaN, and for the absurd scales near those limits,
@@ -318,9 +290,9 @@ def spike_prune(
     d_priors_sq: torch.Tensor,
     reduced_loc: torch.Tensor,
     threshold: torch.Tensor,
-    old: Optional[torch.Tensor],
-    work: Optional[int] = None,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    old: torch.Tensor | None,
+    work: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(ΔF, keep, stats)`` as :func:`spike_threshold` for the flat ``loc`` and
     σ = exp(``log_scale``), zeroing the pruned elements of ``loc`` in place; ``None``
     (nothing done) for a site not worth compiling for."""
@@ -341,53 +313,14 @@ def spike_prune(
 
 
 # ---------------------------------------------------------------------------
-# The sum of the spike-and-slab rule's keep probabilities over kept elements,
-# σ(ζ − ΔF) = 1 / (1 + e^ΔF · e^−ζ): with e^ΔF computed once, each of the rule's
-# iterations is a multiply-add and a division per element instead of an exponential
-# (e^ΔF = inf gives 0 and e^ΔF = 0 gives 1, the limits of σ).
+# A rule's threshold from a site's ΔF (PruningRule.site_threshold, such as the
+# spike-and-slab rule's fixed point): a few elementwise passes and sums per
+# iteration, which compile into one pass each.
 
 
-def _keep_sum(c, exp_df, mask):
-    return (mask / (1 + exp_df * c)).sum(dtype=torch.float64).to(exp_df.dtype)
-
-
-def _keep_sum_all(c, exp_df):
-    return (1 / (1 + exp_df * c)).sum(dtype=torch.float64).to(exp_df.dtype)
-
-
-def _eager_keep_sum(c, exp_df, mask=None):
-    q = torch.mul(exp_df, c).add_(1).reciprocal_()
-    return q.sum() if mask is None else q.mul_(mask).sum()
-
-
-def keep_probability_sum(
-    zeta: torch.Tensor,
-    exp_df: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    work: Optional[int] = None,
-) -> torch.Tensor:
-    """:math:`\\sum \\sigma(\\zeta - \\Delta F)` over the elements where the float
-    ``mask`` is 1 (all where it is ``None``), given the flat :math:`e^{\\Delta F}`; a
-    0-dim tensor of ΔF's dtype."""
-    c = torch.exp(-zeta)
-    if mask is None:
-        return _run(_keep_sum_all, _eager_keep_sum, work, exp_df, c, exp_df)
-    return _run(_keep_sum, _eager_keep_sum, work, exp_df, c, exp_df, mask.reshape(-1))
-
-
-# ---------------------------------------------------------------------------
-
-
-def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as 0/1 floats (through ``uint8``, which converts several times
-    faster than ``bool`` on CPU)."""
-    return mask.view(torch.uint8).to(dtype)
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its broadcast (stride-0) dimensions; a 0-dim tensor if it holds
-    one value."""
-    for dim in range(t.dim()):
-        if t.stride(dim) == 0 and t.shape[dim] > 1:
-            t = t.narrow(dim, 0, 1)
-    return t.reshape(()) if t.numel() == 1 else t
+def site_threshold(
+    rule: PruningRule, delta_f: torch.Tensor, mask: torch.Tensor | None, work: int | None = None
+) -> torch.Tensor | None:
+    """``rule.site_threshold(delta_f, mask)``, compiled where worthwhile."""
+    method = type(rule).site_threshold
+    return _run(method, method, work, delta_f, rule, delta_f, mask)

@@ -7,50 +7,68 @@ once. The rare paths (bad input, a ΔF out of the dtype's range, a rule that is 
 threshold) are sorted out there and in :meth:`Scoring.decide`.
 """
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 
 from pyro_bmr import _kernels
-from pyro_bmr._kernels import spike_constants
-from pyro_bmr.delta_f import _as_tensors, _direct, _repair
+from pyro_bmr._masks import check_mask, float_mask
+from pyro_bmr._tensors import as_tensors
+from pyro_bmr.free_energy import _direct, _repair, spike_constants
+from pyro_bmr.posteriors import MeanFieldPosterior
+from pyro_bmr.rules import PruningRule
 from pyro_bmr.sites import GaussianSite
 
 
 class Scoring:
-    """One reduction by ``bmr`` (a :class:`~pyro_bmr.BayesianModelReduction`) over
-    ``work`` elements in all."""
+    """One reduction of ``posterior`` under ``rule``, over ``work`` elements in all.
 
-    def __init__(self, bmr, work: int) -> None:
-        self.bmr, self.work = bmr, work
+    :param posterior: where the guide keeps the posterior of every site.
+    :param masks: the current masks, site name → bool tensor (True = kept).
+    :param rule: the pruning rule.
+    :param reduced_loc: mean of the reduced prior.
+    :param reduced_scale: its scale, 0 for the point mass.
+    :param update_posterior: whether the reduced posterior of kept elements is wanted.
+    :param work: elements in all the reduced sites (decides what is compiled).
+    """
 
-    def _old_mask(self, site: GaussianSite, device: torch.device) -> Optional[torch.Tensor]:
-        old = self.bmr._masks.get(site.name)
+    def __init__(
+        self,
+        posterior: MeanFieldPosterior,
+        masks: Mapping[str, torch.Tensor],
+        rule: PruningRule,
+        *,
+        reduced_loc: float,
+        reduced_scale: float,
+        update_posterior: bool,
+        work: int,
+    ) -> None:
+        self.posterior, self.masks, self.rule = posterior, masks, rule
+        self.reduced_loc, self.reduced_scale = reduced_loc, reduced_scale
+        self.update_posterior, self.work = update_posterior, work
+
+    def _old_mask(self, site: GaussianSite, device: torch.device) -> torch.Tensor | None:
+        old = self.masks.get(site.name)
         if old is not None:
-            if old.shape != site.shape:
-                raise ValueError(
-                    f"mask of shape {tuple(old.shape)} does not fit site {site.name!r} of "
-                    f"shape {tuple(site.shape)}"
-                )
-            old = old.to(device)
+            old = check_mask(site.name, old, site.shape).to(device)
         return old
 
-    def storage(self, sites: Dict[str, GaussianSite]) -> Dict[str, tuple]:
+    def storage(self, sites: dict[str, GaussianSite]) -> dict[str, tuple]:
         """Every site's ``posterior.loc_log_scale(name)``, where the reduction can
         score and prune in place (the point mass, a threshold known in advance, the
         priors' dtype, a site big enough to compile for, and every scale certainly
         valid); else ``{}``. All sites or none, because all their scales are checked,
         in one host sync, before any loc is written: bad input then takes the plain
         path, which names the site."""
-        if self.bmr.reduced_scale != 0 or self.bmr.rule._static_threshold() is None:
+        if self.reduced_scale != 0 or self.rule.fixed_threshold() is None:
             return {}
         storage, worth = {}, False
         for name, site in sites.items():
-            found = self.bmr.posterior.loc_log_scale(name)
+            found = self.posterior.loc_log_scale(name)
             if found is None:
                 return {}
             loc, rho = found
-            dtype = _as_tensors(loc, rho, site.prior_loc, site.prior_scale)[0].dtype
+            dtype = as_tensors(loc, rho, site.prior_loc, site.prior_scale)[0].dtype
             if not (
                 dtype == loc.dtype == rho.dtype
                 and loc.shape == rho.shape == site.shape
@@ -64,14 +82,14 @@ class Scoring:
         safe = _kernels.log_scales_safe([rho for _, rho in storage.values()], self.work)
         return storage if bool(safe) else {}
 
-    def _score_in_place(self, site: GaussianSite, storage: tuple) -> Optional["Scored"]:
+    def _score_in_place(self, site: GaussianSite, storage: tuple) -> "Scored | None":
         """:meth:`score` on the guide's storage, zeroing the pruned locs in the same
         pass; ``None`` for a site too small to compile for."""
         loc, rho = storage
-        m, s = _as_tensors(loc, rho, site.prior_loc, site.prior_scale)[2:]
+        m, s = as_tensors(loc, rho, site.prior_loc, site.prior_scale)[2:]
         full = dict(dtype=loc.dtype, device=loc.device)
-        m_red = torch.full((), self.bmr.reduced_loc, **full)
-        tau = torch.full((), self.bmr.rule._static_threshold(), **full)
+        m_red = torch.full((), self.reduced_loc, **full)
+        tau = torch.full((), self.rule.fixed_threshold(), **full)
         out = Scored(site.name, site.shape, self._old_mask(site, loc.device))
         terms = spike_constants(m, s, m_red, site.shape)
         done = _kernels.spike_prune(
@@ -86,23 +104,23 @@ class Scoring:
         out.flags = _spike_flags(stats[3], stats)
         return out
 
-    def score(self, name: str, site: GaussianSite, storage: Optional[tuple] = None) -> "Scored":
+    def score(self, name: str, site: GaussianSite, storage: tuple | None = None) -> "Scored":
         """ΔF of one site, with the rule's decision where it can be fused; no sync."""
         if storage is not None:
             out = self._score_in_place(site, storage)
             if out is not None:
                 return out
-        loc, scale = self.bmr.posterior.loc_scale(name)
-        mu, sigma, m, s = _as_tensors(loc, scale, site.prior_loc, site.prior_scale)
+        loc, scale = self.posterior.loc_scale(name)
+        mu, sigma, m, s = as_tensors(loc, scale, site.prior_loc, site.prior_scale)
         full = dict(dtype=mu.dtype, device=mu.device)
-        m_red = torch.full((), self.bmr.reduced_loc, **full)
+        m_red = torch.full((), self.reduced_loc, **full)
         out = Scored(name, site.shape, self._old_mask(site, mu.device))
         nan = torch.full((4,), float("nan"), dtype=torch.float64, device=mu.device)
-        if self.bmr.reduced_scale == 0:
+        if self.reduced_scale == 0:
             out.inputs = (mu, sigma, m, s, m_red, torch.zeros((), **full))
             terms = spike_constants(m, s, m_red, site.shape)
             flat = (mu.reshape(-1), sigma.reshape(-1)) + terms + (m_red,)
-            tau = self.bmr.rule._static_threshold()
+            tau = self.rule.fixed_threshold()
             if tau is None:
                 out.df, probe = _kernels.spike_probe(*flat, self.work)
                 stats = nan
@@ -115,12 +133,12 @@ class Scoring:
                 probe = stats[3]
             out.flags = _spike_flags(probe, stats)
             return out
-        out.inputs = (mu, sigma, m, s, m_red, torch.full((), self.bmr.reduced_scale, **full))
+        out.inputs = (mu, sigma, m, s, m_red, torch.full((), self.reduced_scale, **full))
         df, post_loc, post_scale, invalid, unsafe = _direct(
-            *out.inputs, posterior=self.bmr.update_posterior
+            *out.inputs, posterior=self.update_posterior
         )
         out.df, out.unsafe = df.reshape(-1), unsafe
-        if self.bmr.update_posterior:
+        if self.update_posterior:
             out.post = (post_loc, post_scale)
         bad_scale = ~(torch.isfinite(sigma) & (sigma > 0)).all()
         flags = torch.stack([bad_scale | unsafe.any(), invalid.any()]).to(torch.float64)
@@ -139,7 +157,7 @@ class Scoring:
                 )
         if too_wide:
             raise ValueError(
-                f"reduced prior (scale {self.bmr.reduced_scale}) is too wide for site "
+                f"reduced prior (scale {self.reduced_scale}) is too wide for site "
                 f"{site.name!r}: the reduced posterior precision is not positive"
             )
         if not suspect:
@@ -162,14 +180,14 @@ class Scoring:
         """The rule's decision and the counts for a site not decided in the ΔF pass."""
         tau = None
         if site.finite:
-            tau = self.bmr.rule._static_threshold()
+            tau = self.rule.fixed_threshold()
             if tau is not None:
                 tau = torch.full((), tau, dtype=site.df.dtype, device=site.df.device)
             else:
                 old_f = None
                 if site.old is not None:
-                    old_f = self.bmr._float_mask(site.old, site.df.dtype).reshape(-1)
-                tau = self.bmr.rule._site_threshold(site.df, old_f, self.work)
+                    old_f = float_mask(site.old, site.df.dtype).reshape(-1)
+                tau = _kernels.site_threshold(self.rule, site.df, old_f, self.work)
         if tau is not None:
             keep, pruned, site.stats = _kernels.decide(site.df, tau, site.old_bytes(), self.work)
             site.set_masks(keep, pruned)
@@ -179,9 +197,9 @@ class Scoring:
         old = site.old
         if old is None:
             old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
-        site.keep = self.bmr.rule.keep(df, old) & old
+        site.keep = self.rule.keep(df, old) & old
         site.pruned = ~site.keep
-        drop = _kernels.float_mask(old & site.pruned, df.dtype).reshape(-1)
+        drop = float_mask(old & site.pruned, df.dtype).reshape(-1)
         f64 = torch.float64
         site.stats = torch.stack(
             [
@@ -206,19 +224,19 @@ class Scored:
     its complement (bool, the site's shape), and ``stats`` = [kept before, kept
     after, ΔF summed over the newly pruned, ...]."""
 
-    def __init__(self, name: str, shape: torch.Size, old: Optional[torch.Tensor]) -> None:
+    def __init__(self, name: str, shape: torch.Size, old: torch.Tensor | None) -> None:
         self.name, self.shape, self.old = name, shape, old
         self.numel = shape.numel()
         self.df: torch.Tensor
         self.flags: torch.Tensor
         self._inputs: tuple = ()
-        self.lazy_inputs: Optional[Callable[[], tuple]] = None
+        self.lazy_inputs: Callable[[], tuple] | None = None
         self.zeroed = False  # pruned locs already zeroed by the fused pass
-        self.keep: Optional[torch.Tensor] = None
-        self.pruned: Optional[torch.Tensor] = None
+        self.keep: torch.Tensor | None = None
+        self.pruned: torch.Tensor | None = None
         self.stats = None
-        self.post: Optional[tuple] = None
-        self.unsafe: Optional[torch.Tensor] = None
+        self.post: tuple | None = None
+        self.unsafe: torch.Tensor | None = None
         self.finite = False
 
     @property
@@ -232,7 +250,7 @@ class Scored:
     def inputs(self, value: tuple) -> None:
         self._inputs, self.lazy_inputs = value, None
 
-    def old_bytes(self) -> Optional[torch.Tensor]:
+    def old_bytes(self) -> torch.Tensor | None:
         """The current mask as flat uint8 (a view), as the kernels take it."""
         return None if self.old is None else self.old.reshape(-1).view(torch.uint8)
 

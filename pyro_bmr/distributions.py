@@ -2,13 +2,13 @@
 
 import math
 import weakref
-from typing import Optional
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions import Normal, kl_divergence, register_kl
 
-from pyro_bmr._kernels import float_mask
+from pyro_bmr._masks import float_mask
+from pyro_bmr._tensors import compact
 
 __all__ = ["PrunedNormal"]
 
@@ -40,7 +40,7 @@ class PrunedNormal(TorchDistribution):
         scale: torch.Tensor,
         keep: torch.Tensor,
         event_dim: int = 0,
-        validate_args: Optional[bool] = None,
+        validate_args: bool | None = None,
     ) -> None:
         if keep.dtype != torch.bool:
             raise ValueError(f"keep must be a bool tensor, got {keep.dtype}")
@@ -70,7 +70,7 @@ class PrunedNormal(TorchDistribution):
         self.keep = mask.keep.expand(shape)
         # arithmetic runs on the parameters as given: a prior broadcast from one value
         # costs one element, not the site's size
-        self._loc, self._scale = _compact(loc), _compact(scale)
+        self._loc, self._scale = compact(loc), compact(scale)
         self._mask = mask
         split = len(shape) - event_dim
         super().__init__(shape[:split], shape[split:], validate_args=validate_args)
@@ -126,7 +126,7 @@ class PrunedNormal(TorchDistribution):
             lp = torch.where(off > 0, torch.full_like(lp, -float("inf")), lp)
         return lp
 
-    def _event_dot(self, x: Optional[torch.Tensor]) -> torch.Tensor:
+    def _event_dot(self, x: torch.Tensor | None) -> torch.Tensor:
         """Σ over each event of ``x`` times the mask (of 1 where ``x`` is ``None``)."""
         keep = self.keep_float
         event = self.event_shape
@@ -166,11 +166,11 @@ class _Mask:
     ``expand`` of it) and was not changed in place since.
     """
 
-    def __init__(self, keep: torch.Tensor, keep_float: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, keep: torch.Tensor, keep_float: torch.Tensor | None = None) -> None:
         self.keep = keep
         self._float = {} if keep_float is None else {keep_float.dtype: keep_float}
         self._count: dict = {}
-        self._draw: Optional[tuple] = None
+        self._draw: tuple | None = None
 
     def as_float(self, dtype: torch.dtype) -> torch.Tensor:
         out = self._float.get(dtype)
@@ -205,16 +205,6 @@ class _Mask:
 def _event_only(keep: torch.Tensor, event_dim: int) -> bool:
     """Whether a mask is the same for every batch element (varies over events only)."""
     return keep.dim() <= event_dim or all(d == 1 for d in keep.shape[:-event_dim])
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its broadcast (stride-0) dimensions, which stay as size 1."""
-    if torch.jit.is_tracing():  # shapes are traced values there; keep them as they are
-        return t
-    for dim in range(t.dim()):
-        if t.stride(dim) == 0 and t.shape[dim] > 1:
-            t = t.narrow(dim, 0, 1)
-    return t
 
 
 @register_kl(PrunedNormal, PrunedNormal)

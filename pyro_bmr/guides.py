@@ -13,8 +13,9 @@ LeNet-300-100 costs about half what it costs with ``AutoNormal``
 (``benchmarks/bench_guide.py``). :func:`make_guide` picks a guide by name.
 """
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -27,8 +28,12 @@ from pyro.ops.tensor_utils import periodic_repeat
 from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import ExpTransform
 
-from pyro_bmr.local_reparam import LOCAL_REPARAMETERIZATION, local_reparameterization
+from pyro_bmr import _pyro_compat
 from pyro_bmr.posteriors import MeanFieldPosterior, _assign, _parameter, register_posterior
+from pyro_bmr.poutine.local_reparam_messenger import (
+    LOCAL_REPARAMETERIZATION,
+    local_reparameterization,
+)
 from pyro_bmr.sites import is_real_support
 
 __all__ = ["GUIDES", "MeanFieldGuide", "MeanFieldGuidePosterior", "make_guide"]
@@ -63,8 +68,8 @@ class _Site(NamedTuple):
     stop: int
     shape: torch.Size  # unconstrained, at full plate size
     event_dim: int  # unconstrained event dims
-    transform: Optional[torch.distributions.Transform]  # None on the real line
-    plates: Tuple[str, ...]
+    transform: torch.distributions.Transform | None  # None on the real line
+    plates: tuple[str, ...]
     support: constraints.Constraint
 
 
@@ -107,17 +112,18 @@ class MeanFieldGuide(AutoGuide):
         *,
         init_loc_fn: Callable = init_to_feasible,
         init_scale: float = 0.1,
-        create_plates: Optional[Callable] = None,
+        create_plates: Callable | None = None,
     ) -> None:
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         self.init_loc_fn = init_loc_fn
         self._init_scale = float(init_scale)
-        self._sites: List[_Site] = []
+        self._sites: list[_Site] = []
         model = InitMessenger(init_loc_fn)(model)
         super().__init__(model, create_plates=create_plates)
 
     def _setup_prototype(self, *args, **kwargs) -> None:
+        # AutoGuide's hook for subclasses, called through _pyro_compat.setup_prototype
         super()._setup_prototype(*args, **kwargs)
         sites, inits, start, like = [], [], 0, None
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -164,18 +170,13 @@ class MeanFieldGuide(AutoGuide):
         self.loc = PyroParam(loc, constraints.real)
         self.scale = PyroParam(torch.full_like(loc, self._init_scale), self.scale_constraint)
 
-    def forward(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Draw every latent site; returns ``{site name: value}``.
 
         .. note:: Call the guide (``guide(*args)``), not this method.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        plates = (
-            self._create_plates(*args, **kwargs)
-            if self._prototype_frames or self.create_plates is not None
-            else {}
-        )
+        _pyro_compat.setup_prototype(self, *args, **kwargs)
+        plates = _pyro_compat.autoguide_plates(self, *args, **kwargs)
         # One split per parameter: its backward is a single concatenation, where
         # slicing per site would allocate a full-size gradient for every site.
         locs = self.loc.split(self._sizes)
@@ -217,11 +218,10 @@ class MeanFieldGuide(AutoGuide):
         return site
 
     @torch.no_grad()
-    def median(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The posterior median of every latent site (its mean, for a real site),
         at full plate size."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        _pyro_compat.setup_prototype(self, *args, **kwargs)
         loc = self.loc.detach()
         out = {}
         for site in self._sites:
@@ -235,19 +235,19 @@ class MeanFieldGuidePosterior(MeanFieldPosterior):
     """:class:`MeanFieldGuide`: slices of the flat ``loc`` and ``scale``; each model
     site is drawn at the guide site of the same name."""
 
-    def sites(self) -> Dict[str, Optional[str]]:
+    def sites(self) -> dict[str, str | None]:
         return {
             site.name: None if site.transform is None else f"support {site.support} is constrained"
             for site in self.guide._sites
         }
 
-    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loc_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         site = self.guide._site(name)
         part = slice(site.start, site.stop)
         loc, scale = (self._constrained(attr, part).view(site.shape) for attr in ("loc", "scale"))
         return loc, scale
 
-    def loc_log_scale(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def loc_log_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         site = self.guide._site(name)
         part = slice(site.start, site.stop)
         (loc, loc_constraint), (rho, constraint) = (
@@ -279,7 +279,7 @@ class MeanFieldGuidePosterior(MeanFieldPosterior):
 
 def make_guide(
     model: Callable, kind: str = "auto", **kwargs
-) -> Tuple[AutoGuide, AbstractContextManager]:
+) -> tuple[AutoGuide, AbstractContextManager]:
     """A mean-field Normal guide of the chosen kind, and the context to train it in.
 
     * ``"auto"``: Pyro's :class:`~pyro.infer.autoguide.AutoNormal`;

@@ -8,14 +8,15 @@ both for one kind of guide; :func:`mean_field_posterior` picks the right one and
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from operator import attrgetter
-from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from pyro.distributions import constraints
 from pyro.infer import autoguide
 from torch.distributions import biject_to
 
+from pyro_bmr import _pyro_compat
 from pyro_bmr.sites import is_real_support
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "register_posterior",
 ]
 
-_REGISTRY: List[Tuple[Type, Type["MeanFieldPosterior"]]] = []
+_REGISTRY: list[tuple[type, type["MeanFieldPosterior"]]] = []
 _NOT_MEAN_FIELD = (
     autoguide.AutoDelta,
     autoguide.AutoMultivariateNormal,
@@ -50,46 +51,45 @@ class MeanFieldPosterior(ABC):
 
     def prepare(self, *args, **kwargs) -> None:
         """Create the guide's parameters if it has never been run."""
-        if getattr(self.guide, "prototype_trace", None) is None:
-            self.guide._setup_prototype(*args, **kwargs)
+        _pyro_compat.setup_prototype(self.guide, *args, **kwargs)
 
     @abstractmethod
-    def sites(self) -> Dict[str, Optional[str]]:
+    def sites(self) -> dict[str, str | None]:
         """Model sites the guide covers: ``None`` where a Gaussian posterior on the
         real line can be read, else the reason it cannot."""
 
     @abstractmethod
-    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loc_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior mean and standard deviation of model site ``name`` over its
         full shape, detached from the autograd graph."""
 
     @abstractmethod
     def assign(
-        self, name: str, where: torch.Tensor, loc: torch.Tensor, scale: Optional[torch.Tensor]
+        self, name: str, where: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor | None
     ) -> None:
         """Overwrite the posterior of site ``name`` at the elements ``where``."""
 
     @abstractmethod
-    def guide_masks(self, masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def guide_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Translate masks on model sites to masks on the guide's sample sites."""
 
-    def loc_log_scale(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def loc_log_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Optional: for a guide that stores σ as ``exp`` of a tensor, the tensors it
         stores for site ``name``, ``(loc, log_scale)``, each of the site's shape and
         writable in place (``loc`` contiguous). Then
-        :meth:`~pyro_bmr.BayesianModelReduction.reduce` scores a large site and zeroes
-        its pruned locs in one fused pass. The default, ``None``, makes ``reduce`` use
-        :meth:`loc_scale` and :meth:`assign`."""
+        :meth:`~pyro_bmr.BayesianModelReduction.reduce` may read and prune the site
+        straight from that storage, without a copy (see :doc:`/howto/gpu`). The
+        default, ``None``, makes ``reduce`` use :meth:`loc_scale` and :meth:`assign`."""
         return None
 
 
 def register_posterior(
-    guide_type: Type,
-) -> Callable[[Type[MeanFieldPosterior]], Type[MeanFieldPosterior]]:
+    guide_type: type,
+) -> Callable[[type[MeanFieldPosterior]], type[MeanFieldPosterior]]:
     """Class decorator registering a :class:`MeanFieldPosterior` for ``guide_type``
     (and its subclasses); later registrations take precedence."""
 
-    def decorate(cls: Type[MeanFieldPosterior]) -> Type[MeanFieldPosterior]:
+    def decorate(cls: type[MeanFieldPosterior]) -> type[MeanFieldPosterior]:
         _REGISTRY.insert(0, (guide_type, cls))
         return cls
 
@@ -116,13 +116,13 @@ def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
     )
 
 
-def _parameter(module: torch.nn.Module, dotted: str) -> Tuple[torch.Tensor, constraints.Constraint]:
+def _parameter(module: torch.nn.Module, dotted: str) -> tuple[torch.Tensor, constraints.Constraint]:
     """The leaf tensor behind a (possibly constrained) PyroModule attribute."""
     path, _, leaf = dotted.rpartition(".")
     owner = attrgetter(path)(module) if path else module
-    pyro_params = getattr(owner, "_pyro_params", {})
-    if leaf in pyro_params:
-        return owner._parameters[leaf + "_unconstrained"], pyro_params[leaf][0]
+    constraint = _pyro_compat.param_attributes(owner).get(leaf)
+    if constraint is not None:
+        return _pyro_compat.unconstrained_parameter(owner, leaf), constraint
     return getattr(owner, leaf), constraints.real
 
 
@@ -135,7 +135,7 @@ def _assign(param: torch.Tensor, constraint, where: torch.Tensor, value: torch.T
             param.copy_(torch.where(where, unconstrained.expand_as(param), param))
 
 
-def _prototype_sites(guide) -> Dict[str, Optional[str]]:
+def _prototype_sites(guide) -> dict[str, str | None]:
     """:meth:`MeanFieldPosterior.sites` of an autoguide, read off its prototype trace."""
     return {
         name: None
@@ -150,10 +150,10 @@ class AutoNormalPosterior(MeanFieldPosterior):
     """:class:`~pyro.infer.autoguide.AutoNormal`: ``locs.<site>`` and ``scales.<site>``,
     drawn at the auxiliary site ``<site>_unconstrained``."""
 
-    def sites(self) -> Dict[str, Optional[str]]:
+    def sites(self) -> dict[str, str | None]:
         return _prototype_sites(self.guide)
 
-    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loc_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return (
             attrgetter(name)(self.guide.locs).detach(),
             attrgetter(name)(self.guide.scales).detach(),
@@ -173,19 +173,19 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
     """:class:`~pyro.infer.autoguide.AutoDiagonalNormal`: one flat ``loc`` and
     ``scale`` vector over all sites, drawn at the site ``_<name>_latent``."""
 
-    def _slices(self) -> Dict[str, Tuple[slice, torch.Size]]:
+    def _slices(self) -> dict[str, tuple[slice, torch.Size]]:
         out, pos = {}, 0
         for name, _ in self.guide.prototype_trace.iter_stochastic_nodes():
-            shape = self.guide._unconstrained_shapes[name]
+            shape = _pyro_compat.unconstrained_shapes(self.guide)[name]
             size = shape.numel()
             out[name] = (slice(pos, pos + size), shape)
             pos += size
         return out
 
-    def sites(self) -> Dict[str, Optional[str]]:
+    def sites(self) -> dict[str, str | None]:
         return _prototype_sites(self.guide)
 
-    def loc_scale(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loc_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         part, shape = self._slices()[name]
         return (
             self.guide.loc.detach()[part].reshape(shape),
@@ -214,4 +214,4 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
                 device = self.guide.loc.device
                 mask = torch.ones(shape, dtype=torch.bool, device=device)
             pieces.append(mask.expand(shape).reshape(-1))
-        return {f"_{self.guide._pyro_name}_latent": torch.cat(pieces)}
+        return {f"_{_pyro_compat.autoguide_prefix(self.guide)}_latent": torch.cat(pieces)}

@@ -1,31 +1,35 @@
 """The Bayesian model reduction handler."""
 
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 
+from pyro_bmr._masks import MaskError, check_mask
 from pyro_bmr._scoring import Scoring
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
-from pyro_bmr.prune_messenger import PruneMessenger
-from pyro_bmr.report import ReductionReport, Sparsity
+from pyro_bmr.poutine.prune_messenger import PruneMessenger
+from pyro_bmr.report import ReductionReport, Sparsity, sparsity
 from pyro_bmr.rules import PruningRule, ThresholdRule
 from pyro_bmr.sites import GaussianSite, find_gaussian_sites
 
 __all__ = ["BayesianModelReduction"]
 
 
-class BayesianModelReduction(PruneMessenger):
+class BayesianModelReduction:
     """Sparsify a Pyro model post hoc by Bayesian model reduction.
 
     Built from a fitted mean-field Gaussian guide (``AutoNormal``,
     ``AutoDiagonalNormal`` or a registered custom guide). :meth:`reduce` scores,
     in closed form (:func:`~pyro_bmr.delta_f`), the reduced model in which each
     element's Gaussian prior collapses to a point mass at zero, lets ``rule``
-    decide, and accumulates the result in :attr:`masks`. As an effect handler it
-    applies the masks: in ``bmr(model)`` a pruned element's prior is a point mass
-    at 0, in ``bmr(guide)`` the element samples exactly 0, and either way it adds
-    nothing to ``log p``, ``log q`` or the KL. Kept elements are untouched.
+    decide, and accumulates the result in :attr:`masks`. It applies the masks
+    through its own :class:`~pyro_bmr.poutine.PruneMessenger`: in ``bmr(model)`` a
+    pruned element's prior is a point mass at 0, in ``bmr(guide)`` the element
+    samples exactly 0, and either way it adds nothing to ``log p``, ``log q`` or
+    the KL. Kept elements are untouched. ``with bmr:`` applies them to everything
+    run inside.
 
     .. code-block:: python
 
@@ -55,15 +59,14 @@ class BayesianModelReduction(PruneMessenger):
     def __init__(
         self,
         guide: Callable,
-        rule: Optional[PruningRule] = None,
+        rule: PruningRule | None = None,
         *,
-        sites: Optional[Iterable[str]] = None,
+        sites: Iterable[str] | None = None,
         reduced_loc: float = 0.0,
         reduced_scale: float = 0.0,
         update_posterior: bool = False,
-        model: Optional[Callable] = None,
+        model: Callable | None = None,
     ) -> None:
-        super().__init__()
         if rule is None:
             rule = ThresholdRule()
         if not isinstance(rule, PruningRule):
@@ -83,9 +86,21 @@ class BayesianModelReduction(PruneMessenger):
         self.reduced_scale = float(reduced_scale)
         self.update_posterior = bool(update_posterior)
         self._model = model
-        self._masks: Dict[str, torch.Tensor] = {}
-        self._sites: Optional[Dict[str, GaussianSite]] = None
-        self._skipped: Dict[str, str] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._sites: dict[str, GaussianSite] | None = None
+        self._skipped: dict[str, str] = {}
+        self._pruner = PruneMessenger()
+
+    def __call__(self, fn: Callable) -> Callable:
+        """``fn`` (the model or the guide) with the masks applied."""
+        return self._pruner(fn)
+
+    def __enter__(self) -> "BayesianModelReduction":
+        self._pruner.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return self._pruner.__exit__(*exc)
 
     @property
     def model(self) -> Callable:
@@ -98,18 +113,17 @@ class BayesianModelReduction(PruneMessenger):
         return MappingProxyType(self._masks)
 
     def _refresh(self) -> None:
+        """Hand the masks to the pruner, on the model's sites and the guide's."""
         site_masks = dict(self._masks)
         site_masks.update(self.posterior.guide_masks(self._masks))
-        self._site_masks = site_masks
-        self._forget_float_masks()
+        self._pruner.masks = site_masks
 
-    def sites(self, *args, **kwargs) -> Dict[str, GaussianSite]:
+    def sites(self, *args, **kwargs) -> dict[str, GaussianSite]:
         """The reducible sites, found by tracing the model with these arguments
         the first time and cached after."""
         if self._sites is None:
             self.posterior.prepare(*args, **kwargs)
-            with _disabled(self):
-                found, skipped = find_gaussian_sites(self.model, *args, **kwargs)
+            found, skipped = find_gaussian_sites(self.model, *args, **kwargs)
             covered = self.posterior.sites()
             for name in list(found):
                 reason = "not in the guide" if name not in covered else covered[name]
@@ -134,40 +148,47 @@ class BayesianModelReduction(PruneMessenger):
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         """Replace the mask of site ``name`` (True = kept).
 
-        :raises ValueError: for an unknown site or a mask of the wrong shape or dtype.
+        :raises MaskError: (a ``ValueError``) for an unknown site or a mask of the
+            wrong shape or dtype.
         """
         if self._sites is None:
-            raise ValueError("set_mask needs the sites: call reduce() or sites(*args) first")
-        site = self._sites.get(name)
-        if site is None:
-            raise ValueError(f"unknown site {name!r}; reducible sites are {sorted(self._sites)}")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"mask for site {name!r} must be a bool tensor")
-        if mask.shape != site.shape:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit site {name!r} of shape "
-                f"{tuple(site.shape)}"
-            )
+            raise MaskError("set_mask needs the sites: call reduce() or sites(*args) first")
+        check_mask(name, mask, self._site(name).shape)
         loc, _ = self.posterior.loc_scale(name)
         self._masks[name] = mask.to(loc.device).clone()
         self._refresh()
 
-    def reset(self, names: Optional[Iterable[str]] = None) -> None:
+    def reset(self, names: Iterable[str] | None = None) -> None:
         """Forget the masks of ``names`` (default: all), un-pruning their elements."""
         for name in list(self._masks) if names is None else names:
             self._masks.pop(name, None)
         self._refresh()
+
+    def _site(self, name: str) -> GaussianSite:
+        site = self._sites.get(name)
+        if site is None:
+            raise MaskError(f"unknown site {name!r}; reducible sites are {sorted(self._sites)}")
+        return site
+
+    def _scoring(self, work: int) -> Scoring:
+        """What scores one reduction of ``work`` elements with the current settings."""
+        return Scoring(
+            self.posterior,
+            self._masks,
+            self.rule,
+            reduced_loc=self.reduced_loc,
+            reduced_scale=self.reduced_scale,
+            update_posterior=self.update_posterior,
+            work=work,
+        )
 
     @torch.no_grad()
     def reduce(self, *args, **kwargs) -> ReductionReport:
         """Score every reducible site, apply the rule and update the masks.
 
         The model is traced once (on the first call) with ``*args, **kwargs`` to find
-        its Gaussian sites; ΔF is computed for all of them on the parameters' device
-        with one host synchronisation in total (two for rules whose threshold depends
-        on ΔF, such as :class:`~pyro_bmr.SpikeAndSlabRule`). Under the default point
-        mass, ΔF, the threshold and the counts of a site are one fused pass (see
-        :mod:`pyro_bmr._kernels`).
+        its Gaussian sites; ΔF is computed for all of them on the parameters'
+        device. Elements already pruned stay pruned.
 
         :returns: the :class:`~pyro_bmr.ReductionReport`.
         :raises ValueError: naming the site, for non-finite or non-positive guide
@@ -175,7 +196,9 @@ class BayesianModelReduction(PruneMessenger):
         """
         sites = self.sites(*args, **kwargs)
         work = sum(site.numel() for site in sites.values())
-        scoring = Scoring(self, work)
+        # one host sync for every site's flags, and one more for the counts of a
+        # rule whose threshold depends on ΔF (see pyro_bmr._scoring)
+        scoring = self._scoring(work)
         storage = scoring.storage(sites)
         scored = [scoring.score(name, site, storage.get(name)) for name, site in sites.items()]
         if scored:
@@ -213,55 +236,27 @@ class BayesianModelReduction(PruneMessenger):
         )
 
     def sparsity(self) -> Sparsity:
-        """Fraction of elements pruned, per masked site and in total."""
-        if not self._masks:
-            return Sparsity({}, 0.0)
-        sizes = [m.numel() for m in self._masks.values()]
-        kept = torch.stack([m.count_nonzero() for m in self._masks.values()]).cpu().tolist()
-        counts = [n - k for n, k in zip(sizes, kept)]
-        per_site = {name: c / n for name, c, n in zip(self._masks, counts, sizes)}
-        return Sparsity(per_site, sum(counts) / sum(sizes))
+        """Fraction of elements pruned, per masked site and in total: the
+        :func:`~pyro_bmr.report.sparsity` of :attr:`masks`."""
+        return sparsity(self._masks)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The masks, as plain tensors (loadable with ``torch.load(weights_only=True)``)."""
         return {"masks": {name: mask.clone() for name, mask in self._masks.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks saved by :meth:`state_dict`.
 
-        :raises ValueError: if a mask is not a bool tensor; shapes are checked where
-            the sites are known, and otherwise at the site when the model runs.
+        :raises MaskError: (a ``ValueError``) if a mask is not a bool tensor; shapes
+            are checked where the sites are known, and otherwise at the site when the
+            model runs.
         """
         masks = state.get("masks") if isinstance(state, Mapping) else None
         if not isinstance(masks, Mapping):
             raise ValueError("state must be a dict with a 'masks' entry, as state_dict() returns")
         loaded = {}
         for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise ValueError(f"mask for site {name!r} must be a bool tensor")
-            site = (self._sites or {}).get(name)
-            if self._sites is not None and site is None:
-                raise ValueError(
-                    f"unknown site {name!r}; reducible sites are {sorted(self._sites)}"
-                )
-            if site is not None and mask.shape != site.shape:
-                raise ValueError(
-                    f"mask of shape {tuple(mask.shape)} does not fit site {name!r} of shape "
-                    f"{tuple(site.shape)}"
-                )
-            loaded[name] = mask.clone()
+            shape = None if self._sites is None else self._site(name).shape
+            loaded[name] = check_mask(name, mask, shape).clone()
         self._masks = loaded
         self._refresh()
-
-
-class _disabled:
-    """Run with a messenger's masks switched off (to trace the full model)."""
-
-    def __init__(self, messenger: PruneMessenger) -> None:
-        self.messenger = messenger
-
-    def __enter__(self) -> None:
-        self.saved, self.messenger._site_masks = self.messenger._site_masks, {}
-
-    def __exit__(self, *exc) -> None:
-        self.messenger._site_masks = self.saved

@@ -7,17 +7,28 @@ model, the guide or the host (no ``.item()``), so a reduction stays on the devic
 """
 
 from abc import ABC, abstractmethod
-from typing import Optional
 
 import torch
 
-from pyro_bmr import _kernels
+from pyro_bmr._masks import float_mask
 
 __all__ = ["PruningRule", "ThresholdRule", "SpikeAndSlabRule"]
 
 
 class PruningRule(ABC):
-    """Decides, per site, which elements survive a reduction."""
+    """Decides, per site, which elements survive a reduction.
+
+    A rule has one decision method, :meth:`keep`. A rule that keeps exactly the
+    elements whose ΔF is at most a threshold τ may also say what τ is, through one
+    of two optional methods; the reduction then compares ΔF with τ in the pass that
+    computes ΔF instead of calling :meth:`keep`:
+
+    * :meth:`fixed_threshold`: one τ for every site, known before any ΔF;
+    * :meth:`site_threshold`: τ computed from a site's ΔF.
+
+    Whoever overrides :meth:`keep` must keep these in agreement with it, or return
+    ``None`` from them (the default), which makes the reduction call :meth:`keep`.
+    """
 
     @abstractmethod
     def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,25 +41,29 @@ class PruningRule(ABC):
         :returns: a bool tensor of the shape of ``delta_f``, True = keep.
         """
 
+    def fixed_threshold(self) -> float | None:
+        """Optional: τ such that :meth:`keep` is ``delta_f <= τ`` at every site.
+
+        :returns: τ, or ``None`` (the default) where the rule is not such a threshold.
+        """
+        return None
+
+    def site_threshold(
+        self, delta_f: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Optional: τ such that :meth:`keep` is ``delta_f <= τ`` at this site.
+
+        :param torch.Tensor delta_f: the site's ΔF, flat and finite.
+        :param mask: the site's current mask as 0/1 in ΔF's dtype, flat; ``None``
+            where nothing is pruned yet.
+        :returns: τ as a 0-dim tensor on ΔF's device, computed without reading it
+            on the host; or ``None`` (the default).
+        """
+        return None
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
-
-    # Rules that keep exactly the elements with ΔF ≤ τ, one τ per site, say so through
-    # these hooks, and the handler then fuses the comparison and its counts into the
-    # pass that computes ΔF. A subclass that overrides ``keep`` is asked nothing.
-
-    def _static_threshold(self) -> Optional[float]:
-        """τ for every site, known before ΔF is; ``None`` if there is none."""
-        return None
-
-    def _site_threshold(
-        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
-    ) -> Optional[torch.Tensor]:
-        """τ (0-dim) for one site from its ΔF and its current mask as 0/1 floats
-        (``None``: nothing pruned yet); ``None`` if the rule is not a threshold.
-        ``work`` is the size of the whole reduction (see :mod:`pyro_bmr._kernels`)."""
-        return None
 
 
 class ThresholdRule(PruningRule):
@@ -67,8 +82,8 @@ class ThresholdRule(PruningRule):
     def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return delta_f <= self.threshold
 
-    def _static_threshold(self) -> Optional[float]:
-        return self.threshold if type(self).keep is ThresholdRule.keep else None
+    def fixed_threshold(self) -> float | None:
+        return self.threshold
 
 
 class SpikeAndSlabRule(PruningRule):
@@ -107,32 +122,25 @@ class SpikeAndSlabRule(PruningRule):
 
     def log_odds(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The learned prior log-odds :math:`\\zeta` of keeping an element (a 0-dim tensor)."""
-        return self._log_odds(
-            delta_f, _kernels.float_mask(mask.expand(delta_f.shape), delta_f.dtype)
+        return self.site_threshold(
+            delta_f.reshape(-1), float_mask(mask.expand(delta_f.shape), delta_f.dtype).reshape(-1)
         )
 
-    def _log_odds(
-        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
-    ) -> torch.Tensor:
+    def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return delta_f <= self.log_odds(delta_f, mask)
+
+    def site_threshold(self, delta_f: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         full = dict(dtype=delta_f.dtype, device=delta_f.device)  # no host-to-device copies
         alpha0 = torch.full((), self.alpha0, **full)
         beta0 = torch.full((), self.beta0, **full)
         zeta = torch.digamma(alpha0) - torch.digamma(beta0)
         n = torch.full((), delta_f.numel(), **full)
-        # the mask is 0/1 floats: a product, not a select (no branch per element)
-        exp_df = torch.exp(delta_f.reshape(-1))
+        # q = σ(ζ − ΔF) = 1 / (1 + e^ΔF e^−ζ): with e^ΔF computed once, an iteration
+        # costs a multiply-add and a reciprocal per element (e^ΔF = inf gives q = 0
+        # and e^ΔF = 0 gives q = 1, the limits of σ); the mask enters as a product
+        exp_df = torch.exp(delta_f)
         for _ in range(self.num_iterations):
-            kept = _kernels.keep_probability_sum(zeta, exp_df, mask, work)
+            q = (exp_df * torch.exp(-zeta)).add_(1).reciprocal_()
+            kept = (q if mask is None else q.mul_(mask)).sum()
             zeta = torch.digamma(alpha0 + kept) - torch.digamma(beta0 + n - kept)
         return zeta
-
-    def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return delta_f <= self.log_odds(delta_f, mask)
-
-    def _site_threshold(
-        self, delta_f: torch.Tensor, mask: Optional[torch.Tensor], work: Optional[int] = None
-    ) -> Optional[torch.Tensor]:
-        cls = type(self)
-        if cls.keep is not SpikeAndSlabRule.keep or cls.log_odds is not SpikeAndSlabRule.log_odds:
-            return None
-        return self._log_odds(delta_f, mask, work)

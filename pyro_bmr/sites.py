@@ -6,8 +6,8 @@ read its prior as an elementwise :math:`\\mathcal N(m, s^2)` over the site's ful
 (unsubsampled) shape or record why it cannot be reduced.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from pyro import poutine
@@ -47,7 +47,7 @@ class GaussianSite:
         return self.shape.numel()
 
 
-def innermost_normal(fn: Distribution) -> Optional[Tuple[Distribution, int]]:
+def innermost_normal(fn: Distribution) -> tuple[Distribution, int] | None:
     """The :class:`~torch.distributions.Normal` (or :class:`~pyro_bmr.PrunedNormal`)
     inside a distribution's :class:`~torch.distributions.Independent` (``.to_event``)
     and Pyro ``ExpandedDistribution`` wrappers.
@@ -71,7 +71,7 @@ def innermost_normal(fn: Distribution) -> Optional[Tuple[Distribution, int]]:
         return None
 
 
-def normal_params(fn: Distribution) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+def normal_params(fn: Distribution) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Read an elementwise Normal out of a (possibly wrapped) distribution.
 
     Looks through the wrappers :func:`innermost_normal` knows.
@@ -100,7 +100,7 @@ def is_real_support(support: constraints.Constraint) -> bool:
 
 def _full_size_param(
     param: torch.Tensor, site: dict, event_dim: int
-) -> Tuple[Optional[torch.Tensor], torch.Size]:
+) -> tuple[torch.Tensor | None, torch.Size]:
     """Undo plate subsampling of a prior parameter, which is only possible where
     the parameter does not vary along the subsampled dimension."""
     shape = list(param.shape)
@@ -118,7 +118,7 @@ def _full_size_param(
 
 def find_gaussian_sites(
     model: Callable, *args, **kwargs
-) -> Tuple[Dict[str, GaussianSite], Dict[str, str]]:
+) -> tuple[dict[str, GaussianSite], dict[str, str]]:
     """Trace ``model`` and sort its latent sites into reducible and not.
 
     A site is reducible when its prior is an elementwise Normal on the real line
@@ -146,8 +146,8 @@ def find_gaussian_sites(
     with torch.enable_grad():
         trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
-    sites: Dict[str, GaussianSite] = {}
-    skipped: Dict[str, str] = {}
+    sites: dict[str, GaussianSite] = {}
+    skipped: dict[str, str] = {}
     for name in latent_names:
         site = trace.nodes[name]
         fn = site["fn"]

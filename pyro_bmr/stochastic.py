@@ -1,24 +1,25 @@
 """Stochastic BMR: variational epochs interleaved with Bayesian model reduction."""
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
-import pyro
 import torch
 from pyro.infer import ELBO, SVI, Trace_ELBO
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
+from pyro_bmr import _pyro_compat
 from pyro_bmr.reduction import BayesianModelReduction
 from pyro_bmr.report import ReductionReport
 from pyro_bmr.rules import PruningRule
 
 __all__ = ["StochasticBMR"]
 
-Batch = Union[Tuple, List, Dict[str, Any], torch.Tensor]
+Batch = tuple | list | dict[str, Any] | torch.Tensor
 
 
-def _split(batch: Batch) -> Tuple[tuple, dict]:
+def _split(batch: Batch) -> tuple[tuple, dict]:
     if isinstance(batch, dict):
         return (), batch
     if isinstance(batch, (tuple, list)):
@@ -33,18 +34,15 @@ class StochasticBMR:
     for the rest of training.
 
     Any Pyro ELBO works (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``,
-    ``RenyiELBO``, ``JitTrace_ELBO``, ...). ``optim`` is either a Pyro optimiser
-    (``pyro.optim.Adam({"lr": 1e-3})``, run through :class:`~pyro.infer.SVI`) or a
-    ``torch.optim`` optimiser class or factory taking the parameters (run through
-    the ``elbo(model, guide)`` module, e.g. ``functools.partial(torch.optim.Adam,
-    lr=1e-3)``). Prefer torch's fused Adam (``pyro.optim.Adam({"lr": 1e-3, "fused":
+    ``RenyiELBO``, ``JitTrace_ELBO``, ...), and any Pyro optimiser, which wraps any
+    ``torch.optim`` optimiser (``pyro.optim.PyroOptim(torch.optim.SGD, {"lr":
+    1e-2})``). Prefer torch's fused Adam (``pyro.optim.Adam({"lr": 1e-3, "fused":
     True})``): the default one slows down on the exactly-zero gradients of pruned
     elements (see :doc:`/howto/gpu`).
 
     :param model: a Pyro model with Gaussian priors.
     :param guide: its mean-field Gaussian guide (e.g. ``AutoNormal(model)``).
-    :param optim: a :class:`~pyro.optim.PyroOptim`, or a callable
-        ``params -> torch.optim.Optimizer``.
+    :param optim: a Pyro optimiser (:class:`~pyro.optim.PyroOptim`).
     :param loss: the ELBO; default :class:`~pyro.infer.Trace_ELBO`.
     :param PruningRule rule: the rule of a new handler (default threshold at 0).
     :param BayesianModelReduction bmr: an existing handler to use instead.
@@ -55,11 +53,11 @@ class StochasticBMR:
         self,
         model: Callable,
         guide: Callable,
-        optim: Union[PyroOptim, Callable],
-        loss: Optional[ELBO] = None,
+        optim: PyroOptim,
+        loss: ELBO | None = None,
         *,
-        rule: Optional[PruningRule] = None,
-        bmr: Optional[BayesianModelReduction] = None,
+        rule: PruningRule | None = None,
+        bmr: BayesianModelReduction | None = None,
         reduce_every: int = 1,
     ) -> None:
         if bmr is not None and rule is not None:
@@ -71,54 +69,37 @@ class StochasticBMR:
         loss = Trace_ELBO() if loss is None else loss
         if not isinstance(loss, ELBO):
             raise TypeError(f"loss must be a Pyro ELBO, got {type(loss).__name__}")
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(
+                "optim must be a Pyro optimiser, e.g. pyro.optim.Adam({'lr': 1e-3}) or "
+                f"pyro.optim.PyroOptim(torch.optim.SGD, {{'lr': 1e-2}}), got {optim!r}"
+            )
         self.bmr = bmr if bmr is not None else BayesianModelReduction(guide, rule, model=model)
         self.model, self.guide, self.loss = model, guide, loss
         self.reduce_every = int(reduce_every)
-        self.history: List[Dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
         self.epochs_done = 0
-        self._svi: Optional[SVI] = None
-        self._make_optim: Optional[Callable] = None
-        self._elbo_module: Optional[torch.nn.Module] = None
-        self._optimizer: Optional[torch.optim.Optimizer] = None
-        if isinstance(optim, PyroOptim):
-            self._svi = SVI(self.bmr(model), self.bmr(guide), optim, loss)
-        elif callable(optim) and not isinstance(optim, torch.optim.Optimizer):
-            self._make_optim = optim
-        else:
-            raise TypeError(
-                "optim must be a pyro.optim optimiser or a callable making a torch optimiser "
-                f"from parameters (e.g. functools.partial(torch.optim.Adam, lr=1e-3)), got {optim!r}"
-            )
+        self._svi = SVI(self.bmr(model), self.bmr(guide), optim, loss)
 
     def step(self, *args, **kwargs) -> float:
         """One gradient step on the reduced model; returns the loss."""
-        if self._svi is not None:
-            return float(self._svi.step(*args, **kwargs))
-        if self._elbo_module is None:
-            self._elbo_module = self.loss(self.bmr(self.model), self.bmr(self.guide))
-            self._elbo_module(*args, **kwargs)  # creates the guide's parameters
-            self._optimizer = self._make_optim(_trainable_parameters(self.model, self.guide))
-        loss = self._elbo_module(*args, **kwargs)
-        self._optimizer.zero_grad()
-        loss.backward()
-        self._optimizer.step()
-        return float(loss.detach())
+        return float(self._svi.step(*args, **kwargs))
 
     def reduce(self, *args, **kwargs) -> ReductionReport:
         """Prune by BMR now (see :meth:`BayesianModelReduction.reduce`)."""
         report = self.bmr.reduce(*args, **kwargs)
-        _forget_compiled(self.loss)
+        _pyro_compat.forget_compiled(self.loss)
         return report
 
     def fit(
         self,
-        data: Union[Iterable[Batch], Callable[[], Batch]],
+        data: Iterable[Batch] | Callable[[], Batch],
         num_epochs: int = 1,
         *,
-        steps_per_epoch: Optional[int] = None,
+        steps_per_epoch: int | None = None,
         progress: bool = True,
-        callback: Optional[Callable[[int, "StochasticBMR"], Any]] = None,
-    ) -> List[Dict[str, Any]]:
+        callback: Callable[[int, "StochasticBMR"], Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """Train for ``num_epochs`` epochs, reducing every ``reduce_every`` epochs.
 
         :param data: an iterable of batches re-read every epoch (a ``DataLoader``),
@@ -188,30 +169,6 @@ class StochasticBMR:
                 if callback is not None:
                     callback(epoch, self)
         return self.history
-
-
-def _trainable_parameters(model: Callable, guide: Callable) -> List[torch.Tensor]:
-    """The guide's and the model's parameters: module parameters and those of
-    ``pyro.param`` statements, each once."""
-    params: Dict[int, torch.Tensor] = {}
-    for fn in (guide, model):
-        if isinstance(fn, torch.nn.Module):
-            params.update((id(p), p) for p in fn.parameters())
-    for value in pyro.get_param_store().values():
-        p = value.unconstrained()
-        params.setdefault(id(p), p)
-    return list(params.values())
-
-
-_JIT_CACHES = ("_loss_and_surrogate_loss", "_jit_loss_and_surrogate_loss", "_differentiable_loss")
-
-
-def _forget_compiled(loss: ELBO) -> None:
-    """JIT-compiled ELBOs bake the masks into the compiled graph as constants, so
-    a reduction must make them compile again."""
-    for attr in _JIT_CACHES:
-        if getattr(loss, attr, None) is not None:
-            setattr(loss, attr, None)
 
 
 def _calls(make_batch: Callable[[], Batch], steps: int) -> Iterable[Batch]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pyro_bmr import PrunedNormal
+from pyro_bmr.distributions import PrunedNormal
 
 
 def _pruned(event_dim=1):

@@ -139,7 +139,7 @@ def test_fused_reduce_on_cuda_matches_the_plain_formula(compiled):
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         loc = guide.loc_unconstrained
-        loc.copy_((torch.randn(loc.shape, generator=g) * torch.rand(loc.shape, generator=g)))
+        loc.copy_(torch.randn(loc.shape, generator=g) * torch.rand(loc.shape, generator=g))
     bmr = BayesianModelReduction(guide)
     plain = _plain(bmr)
     report = bmr.reduce()

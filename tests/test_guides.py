@@ -8,9 +8,11 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 
-from pyro_bmr import BayesianModelReduction, mean_field_posterior
+from pyro_bmr import BayesianModelReduction
 from pyro_bmr.guides import GUIDES, MeanFieldGuide, MeanFieldGuidePosterior, make_guide
-from pyro_bmr.local_reparam import LOCAL_REPARAMETERIZATION, LocalReparameterizationMessenger
+from pyro_bmr.posteriors import mean_field_posterior
+from pyro_bmr.poutine import LocalReparameterizationMessenger
+from pyro_bmr.poutine.local_reparam_messenger import LOCAL_REPARAMETERIZATION
 
 
 def _conjugate_model(y):

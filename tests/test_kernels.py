@@ -8,8 +8,16 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, _kernels, delta_f
-from pyro_bmr.delta_f import _as_tensors, _direct
+from pyro_bmr import (
+    BayesianModelReduction,
+    MaskError,
+    SpikeAndSlabRule,
+    ThresholdRule,
+    _kernels,
+    delta_f,
+)
+from pyro_bmr._tensors import as_tensors
+from pyro_bmr.free_energy import _direct, spike_constants
 
 
 def _posterior(n, dtype=torch.float32, seed=0):
@@ -21,7 +29,7 @@ def _posterior(n, dtype=torch.float32, seed=0):
 
 def _plain(loc, scale, prior_loc, prior_scale, reduced_loc=0.0):
     """ΔF by the general formula at s̃ = 0, as delta_f computed it before the fast path."""
-    return _direct(*_as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc, 0.0))[0]
+    return _direct(*as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc, 0.0))[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -43,8 +51,8 @@ def test_eager_spike_is_bitwise_the_general_formula(dtype, prior):
     assert torch.equal(out.loc, torch.full_like(expected, reduced_loc))
     assert torch.equal(out.scale, torch.zeros_like(expected))
     # the in-place variant used by reduce gives the same bits
-    m, s, m_red = _as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc)[2:]
-    terms = _kernels.spike_constants(m, s, m_red, loc.shape)
+    m, s, m_red = as_tensors(loc, scale, prior_loc, prior_scale, reduced_loc)[2:]
+    terms = spike_constants(m, s, m_red, loc.shape)
     assert torch.equal(_kernels._spike_inplace(loc, scale, *terms, m_red), expected)
 
 
@@ -52,7 +60,7 @@ def _check_threshold_kernel(loc, scale, old, threshold=0.0, atol=0.0):
     m, s, m_red, tau = (
         torch.tensor(v, dtype=loc.dtype, device=loc.device) for v in (0.0, 1.0, 0.0, threshold)
     )
-    terms = _kernels.spike_constants(m, s, m_red, loc.shape)
+    terms = spike_constants(m, s, m_red, loc.shape)
     old_bytes = None if old is None else old.view(torch.uint8)
     df, keep, pruned, stats = _kernels.spike_threshold(loc, scale, *terms, m_red, tau, old_bytes)
     expected = _plain(loc.cpu(), scale.cpu(), 0.0, 1.0)
@@ -236,5 +244,29 @@ def test_reduce_names_the_site_whose_loaded_mask_does_not_fit(kernels):
     guide = _fitted_guide()
     bmr = BayesianModelReduction(guide)
     bmr.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
-    with pytest.raises(ValueError, match="does not fit site 'w'"):
+    with pytest.raises(MaskError, match="does not fit site 'w'"):
         bmr.reduce()
+
+
+def test_compiled_site_threshold_is_the_rules_own_method(kernels):
+    """The fused path compiles the rule's site_threshold; it agrees with the eager
+    method, and the reduction it drives with the plain rule."""
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    g = torch.Generator().manual_seed(5)
+    df = torch.cat([torch.randn(3000, generator=g) + 2.0, -20 * torch.rand(1099, generator=g)])
+    mask = (torch.rand(4099, generator=g) < 0.8).float()
+    rule = SpikeAndSlabRule(alpha0=2.0, beta0=3.0, num_iterations=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = _kernels.site_threshold(rule, df, mask)
+    assert SpikeAndSlabRule.site_threshold in _kernels._compiled
+    assert torch.allclose(compiled, rule.site_threshold(df, mask), rtol=1e-5)
+    guide = _fitted_guide()
+    bmr = BayesianModelReduction(guide, rule)
+    plain = {}
+    for name, site in bmr.sites().items():
+        loc, scale = (t.clone() for t in bmr.posterior.loc_scale(name))
+        plain[name] = delta_f(loc, scale, site.prior_loc, site.prior_scale).delta_f
+    bmr.reduce()
+    for name, df in plain.items():
+        assert torch.equal(bmr.masks[name], rule.keep(df, torch.ones_like(df, dtype=torch.bool)))

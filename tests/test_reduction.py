@@ -22,7 +22,9 @@ from pyro.infer.autoguide import (
 from pyro.infer.reparam import LocScaleReparam
 from pyro.optim import Adam
 
-from pyro_bmr import BayesianModelReduction, PrunedNormal, ThresholdRule, delta_f
+from pyro_bmr import BayesianModelReduction, MaskError, ThresholdRule, delta_f
+from pyro_bmr.distributions import PrunedNormal
+from pyro_bmr.poutine import PruneMessenger
 
 from .models import BayesianMLP, regression_model, subsampled_model
 
@@ -288,19 +290,24 @@ def test_unknown_site_and_bad_masks_are_rejected(sparse_regression):
         BayesianModelReduction(guide, sites=["nope"]).reduce(X, y)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
-    with pytest.raises(ValueError, match="does not fit site 'w'"):
+    # every entry point reports a bad mask with one error type, naming the site
+    with pytest.raises(MaskError, match="does not fit site 'w'"):
         bmr.set_mask("w", torch.ones(49, dtype=torch.bool))
-    with pytest.raises(ValueError, match="must be a bool tensor"):
+    with pytest.raises(MaskError, match="must be a bool tensor"):
         bmr.set_mask("w", torch.ones(50))
-    with pytest.raises(ValueError, match="unknown site 'v'"):
+    with pytest.raises(MaskError, match="unknown site 'v'"):
         bmr.set_mask("v", torch.ones(50, dtype=torch.bool))
-    with pytest.raises(ValueError, match="does not fit site 'w'"):
+    with pytest.raises(MaskError, match="does not fit site 'w'"):
         bmr.load_state_dict({"masks": {"w": torch.ones(3, dtype=torch.bool)}})
     # a mask that reaches the handler at run time with a bad shape names the site
     fresh = BayesianModelReduction(guide)
     fresh.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
-    with pytest.raises(ValueError, match="does not fit site 'w'"):
+    with pytest.raises(MaskError, match="does not fit site 'w'"):
         fresh(regression_model)(X, y)
+    with pytest.raises(MaskError, match="site 'w' must be a bool tensor"):
+        fresh.load_state_dict({"masks": {"w": torch.ones(50)}})
+    with pytest.raises(MaskError, match="site 'w' must be a bool tensor"):
+        PruneMessenger({"w": torch.ones(50, dtype=torch.uint8)})
 
 
 def test_masks_are_cumulative_and_reset_restores(sparse_regression):

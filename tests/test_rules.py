@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pyro_bmr import SpikeAndSlabRule, ThresholdRule
+from pyro_bmr import PruningRule, SpikeAndSlabRule, ThresholdRule
 
 
 def test_threshold_rule_keeps_where_delta_f_is_at_most_tau():
@@ -65,3 +65,80 @@ def test_spike_and_slab_rejects_bad_hyperparameters(kwargs, message):
 def test_rules_have_a_readable_repr():
     assert repr(ThresholdRule(0.5)) == "ThresholdRule(threshold=0.5)"
     assert "alpha0=1.0" in repr(SpikeAndSlabRule())
+
+
+class _EveryOtherRule(PruningRule):
+    """Not a threshold: keeps every other element."""
+
+    def keep(self, delta_f, mask):
+        keep = torch.zeros_like(delta_f, dtype=torch.bool)
+        keep.view(-1)[::2] = True
+        return keep
+
+
+class _StrictRule(ThresholdRule):
+    """A subclass that changes the decision, and says so through fixed_threshold."""
+
+    def keep(self, delta_f, mask):
+        return delta_f <= self.threshold - 3.0
+
+    def fixed_threshold(self):
+        return None
+
+
+class _SiteMedianRule(PruningRule):
+    """A threshold computed from each site's ΔF, declared through site_threshold."""
+
+    def keep(self, delta_f, mask):
+        return delta_f <= self.site_threshold(delta_f.reshape(-1), None)
+
+    def site_threshold(self, delta_f, mask):
+        return delta_f.median()
+
+
+def _reduced_masks(rule, loc):
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_bmr import BayesianModelReduction
+
+    def model():
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([loc.numel()]).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide()
+    with torch.no_grad():
+        guide.locs.w.copy_(loc)
+    bmr = BayesianModelReduction(guide, rule)
+    report = bmr.reduce()
+    return bmr.masks["w"], report.delta_f["w"]
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_the_reduction_follows_the_rules_protocol(compile_mode, kernels):
+    kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
+    loc = torch.linspace(-0.5, 0.5, 11)
+    # a rule that is no threshold is asked through keep
+    keep, _ = _reduced_masks(_EveryOtherRule(), loc)
+    assert keep.tolist() == [i % 2 == 0 for i in range(11)]
+    # a subclass that overrides keep and withdraws its threshold is asked through keep
+    keep, df = _reduced_masks(_StrictRule(0.0), loc)
+    assert torch.equal(keep, df <= -3.0) and not torch.equal(keep, df <= 0.0)
+    # a per-site threshold decides
+    keep, df = _reduced_masks(_SiteMedianRule(), loc)
+    assert torch.equal(keep, df <= df.median()) and 0 < int(keep.sum()) < 11
+
+
+def test_rules_declare_their_thresholds():
+    df = torch.tensor([0.5, -1.0, 3.0])
+    assert ThresholdRule(0.25).fixed_threshold() == 0.25
+    assert ThresholdRule().site_threshold(df, None) is None
+    rule = SpikeAndSlabRule()
+    assert rule.fixed_threshold() is None
+    assert torch.equal(
+        rule.site_threshold(df, None), rule.log_odds(df, torch.ones(3, dtype=torch.bool))
+    )
+    assert _EveryOtherRule().fixed_threshold() is None
+    assert _EveryOtherRule().site_threshold(df, None) is None

@@ -2,9 +2,9 @@ import functools
 
 import pytest
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
-from pyro.optim import Adam
+from pyro.optim import Adam, PyroOptim
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, StochasticBMR, ThresholdRule
@@ -50,15 +50,18 @@ def test_data_loader_reduce_every_and_callback(sparse_regression):
     assert trainer.epochs_done == 6 and trainer.history[-1]["epoch"] == 5
 
 
-def test_torch_optim_with_the_elbo_module_pattern(sparse_regression):
+def test_any_torch_optimiser_through_pyro_optim(sparse_regression):
     X, y, w = sparse_regression
     guide = AutoNormal(regression_model)
     trainer = StochasticBMR(
-        regression_model, guide, functools.partial(torch.optim.Adam, lr=0.05), Trace_ELBO()
+        regression_model, guide, PyroOptim(torch.optim.Adam, {"lr": 0.05}), Trace_ELBO()
     )
     trainer.fit([(X, y)] * 100, num_epochs=4, progress=False)
     keep = trainer.bmr.masks["w"]
     assert keep[:5].all() and (~keep[5:]).sum() >= 40
+    # a torch optimiser factory is one PyroOptim away, and the error says so
+    with pytest.raises(TypeError, match="PyroOptim"):
+        StochasticBMR(regression_model, guide, functools.partial(torch.optim.Adam, lr=0.05))
 
 
 def test_same_seed_same_history(sparse_regression):
@@ -96,3 +99,15 @@ def test_bad_arguments_are_rejected(sparse_regression):
         trainer.fit(lambda: (X, y), num_epochs=1)
     with pytest.raises(ValueError, match="no batch"):
         trainer.fit([], num_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("elbo", [JitTrace_ELBO, JitTraceGraph_ELBO], ids=lambda e: e.__name__)
+def test_jit_elbos_compile_again_after_each_reduction(elbo, sparse_regression):
+    # JitTraceGraph_ELBO used to crash at its first step after a reduction: forgetting
+    # the compiled function shadowed one of its methods with None
+    X, y, _ = sparse_regression
+    trainer = StochasticBMR(
+        regression_model, AutoNormal(regression_model), Adam({"lr": 0.05}), elbo()
+    )
+    trainer.fit(lambda: (X, y), num_epochs=3, steps_per_epoch=40, progress=False)
+    assert len(trainer.history) == 3 and trainer.history[-1]["total_pruned_fraction"] > 0

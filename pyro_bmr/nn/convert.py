@@ -28,6 +28,8 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from pyro_bmr import _pyro_compat
+
 from .priors import ANCHOR, GaussianPrior, Prior
 
 __all__ = ["BayesianModule", "Predicate", "exclude_normalization", "to_bayesian"]
@@ -62,9 +64,9 @@ class _Hyper(NamedTuple):
 
 
 def _site_name(module: PyroModule, name: str) -> str:
-    # The same rule PyroModule uses for its sample sites (a module's ``_pyro_name`` is
-    # its path from the outermost PyroModule, kept current when modules are nested).
-    prefix = module.__dict__["_pyro_name"]
+    # The same rule PyroModule uses for its sample sites (a module's prefix is its
+    # path from the outermost PyroModule, kept current when modules are nested).
+    prefix = _pyro_compat.module_prefix(module)
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -153,7 +155,9 @@ class BayesianModule(PyroModule):
             _add_anchor(module, next(iter(chosen.values())))
             random += [_Random(module, name, p.detach().clone()) for name, p in chosen.items()]
             added = prior.apply_(module, dict(chosen), root=self, first=module is first)
-            missing = [name for name in chosen if name not in module._pyro_samples]
+            missing = [
+                name for name in chosen if name not in _pyro_compat.random_attributes(module)
+            ]
             if missing:
                 raise TypeError(
                     f"{prior!r} did not replace parameters {missing} of {type(module).__name__}"

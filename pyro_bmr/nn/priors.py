@@ -32,6 +32,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
 
+from pyro_bmr import _pyro_compat
+
 __all__ = ["Prior", "GaussianPrior", "LayerScalePrior", "HorseshoePrior", "ANCHOR"]
 
 #: Name of the zero-dimensional buffer from which priors take device and dtype.
@@ -92,7 +94,7 @@ def _rows(param: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _set_sample(module: PyroModule, name: str, prior: object) -> None:
     """Add a new ``PyroSample`` attribute, refusing to shadow an existing one."""
-    if name in module._pyro_samples or name in dir(module):
+    if name in _pyro_compat.random_attributes(module) or name in dir(module):
         raise ValueError(
             f"cannot add prior site {name!r} to {type(module).__name__}: "
             "the module already has an attribute of that name"

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from pyro_bmr.data import load_dataset
-from pyro_bmr.experiments import (
+from pyro_bmr.paper import METHODS
+from pyro_bmr.paper.data import load_dataset
+from pyro_bmr.paper.experiments import (
     CURVES,
     DEFAULTS,
     OUTPUT_FILES,
@@ -15,7 +16,6 @@ from pyro_bmr.experiments import (
     run_comparison,
     write_outputs,
 )
-from pyro_bmr.nn import METHODS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tiny configuration: 200 digits, a hidden layer of 8 units, 2 posterior samples.

@@ -2,7 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bmr.nn import MLP, NETWORKS, LeNet5, LeNet300100, MLPMixer, ViT, build_network
+from pyro_bmr.paper.networks import (
+    MLP,
+    NETWORKS,
+    LeNet5,
+    LeNet300100,
+    MLPMixer,
+    ViT,
+    build_network,
+)
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))

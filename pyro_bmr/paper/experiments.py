@@ -1,11 +1,11 @@
 """The comparison of Marković, Friston & Kiebel (2023) as a function.
 
 :func:`run_comparison` trains each of the paper's methods
-(:data:`~pyro_bmr.nn.METHODS`) on one image data set and evaluates it on the test
+(:data:`~pyro_bmr.paper.methods.METHODS`) on one image data set and evaluates it on the test
 split after every ``eval_every`` epochs; :func:`write_outputs` writes
 ``results.json`` and the paper's four figures; :func:`format_table` gives the
 final numbers as plain text. The ``pyro-bmr run`` command
-(:mod:`pyro_bmr.cli`) is a thin layer over these three, so a notebook can do
+(:mod:`pyro_bmr.paper.cli`) is a thin layer over these three, so a notebook can do
 anything the command does::
 
     results, weights = run_comparison("digits", epochs=5)
@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 import pyro_bmr
 
 from .data import DEFAULT_DATA_DIR, DatasetSplits, load_dataset, make_loaders
+from .methods import METHODS, EpochRecord, fit_method
 from .metrics import accuracy, expected_calibration_error, negative_log_likelihood
-from .nn import METHODS, EpochRecord, fit_method
-from .nn.networks import check_network_name
+from .networks.zoo import check_network_name
 
 __all__ = [
     "CURVES",
@@ -195,22 +195,22 @@ def run_comparison(
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
-    Each method is trained by :func:`~pyro_bmr.nn.fit_method` (which seeds every
+    Each method is trained by :func:`~pyro_bmr.paper.methods.fit_method` (which seeds every
     generator with ``seed``) on batches from
-    :func:`~pyro_bmr.data.make_loaders` with the same ``seed``. After every
+    :func:`~pyro_bmr.paper.data.make_loaders` with the same ``seed``. After every
     ``eval_every`` epochs, and after the last, the test split gives the accuracy,
     negative log likelihood (nats) and expected calibration error of the
     posterior predictive with ``samples`` samples, and the pruned fraction
     (0 for methods that do not prune); ``seconds`` is the wall-clock training
     time of that epoch.
 
-    :param dataset: a name of :data:`~pyro_bmr.data.DATASETS`, or splits already
-        loaded by :func:`~pyro_bmr.data.load_dataset` (then ``download``,
+    :param dataset: a name of :data:`~pyro_bmr.paper.data.DATASETS`, or splits already
+        loaded by :func:`~pyro_bmr.paper.data.load_dataset` (then ``download``,
         ``train_size`` and ``test_size`` must be left out, and ``data_dir`` is only
         recorded in the configuration).
-    :type dataset: str or ~pyro_bmr.data.DatasetSplits
-    :param str model: a network name of :data:`~pyro_bmr.nn.NETWORKS`.
-    :param methods: method names of :data:`~pyro_bmr.nn.METHODS`, run in this order.
+    :type dataset: str or ~pyro_bmr.paper.data.DatasetSplits
+    :param str model: a network name of :data:`~pyro_bmr.paper.networks.NETWORKS`.
+    :param methods: method names of :data:`~pyro_bmr.paper.methods.METHODS`, run in this order.
     :param int epochs: training epochs per method.
     :param int batch_size: training batch size.
     :param float lr: Adam learning rate.
@@ -219,21 +219,21 @@ def run_comparison(
     :param device: ``"cpu"``, ``"cuda"`` or a ``torch.device``; default CUDA when
         available.
     :param data_dir: directory of torchvision's files; default
-        :data:`~pyro_bmr.data.DEFAULT_DATA_DIR`.
+        :data:`~pyro_bmr.paper.data.DEFAULT_DATA_DIR`.
     :param bool download: download missing torchvision files.
     :param train_size: use only the first ``train_size`` training examples.
     :param test_size: use only the first ``test_size`` test examples.
     :param hidden: hidden widths of the ``mlp`` (default that of
-        :class:`~pyro_bmr.nn.MLP`).
+        :class:`~pyro_bmr.paper.networks.MLP`).
     :param int eval_every: epochs between evaluations.
     :param bool progress: show a progress bar per method (on stderr).
     :param str guide: mean-field guide of the Gaussian methods (see
-        :func:`~pyro_bmr.nn.fit_method`): ``"auto"``, ``"mean-field"`` or ``"local"``.
+        :func:`~pyro_bmr.paper.methods.fit_method`): ``"auto"``, ``"mean-field"`` or ``"local"``.
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown data set, network or method, or a
         non-positive count.
-    :raises ~pyro_bmr.data.DatasetNotFoundError: if the data set's files are missing.
+    :raises ~pyro_bmr.paper.data.DatasetNotFoundError: if the data set's files are missing.
     """
     methods = _check_methods(methods)
     check_network_name(model)

@@ -40,16 +40,15 @@ evaluated again in the log domain, so the result is never NaN and is infinite
 only where the true value lies outside the dtype's range.
 """
 
-import functools
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 
-from pyro_bmr._kernels import spike_constants, spike_delta_f
+from pyro_bmr._tensors import as_tensors, compact
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 
-__all__ = ["DeltaF", "delta_f"]
+__all__ = ["DeltaF", "delta_f", "spike_constants", "spike_delta_f"]
 
 
 class DeltaF(NamedTuple):
@@ -92,11 +91,11 @@ def delta_f(
         0 (the default) is the point mass at ``reduced_loc``, handled exactly.
     :param bool validate: check that the scales are positive and finite and that
         the reduced posterior precision :math:`\\tilde\\pi` is positive, raising
-        :class:`ValueError` otherwise. This costs one host synchronisation.
+        :class:`ValueError` otherwise.
     :returns: ``DeltaF(delta_f, loc, scale)``: ΔF and the reduced posterior.
     :rtype: DeltaF
     """
-    mu, sigma, m, s, m_red, s_red = _as_tensors(
+    mu, sigma, m, s, m_red, s_red = as_tensors(
         loc, scale, prior_loc, prior_scale, reduced_loc, reduced_scale
     )
     if validate:
@@ -131,6 +130,49 @@ def _spike(mu, sigma, m, s, m_red, s_red) -> DeltaF:
         (result,) = _repair((result,), unsafe, (mu, sigma, m, s, m_red, s_red))
     post_loc = m_red.expand(shape).clone()
     return DeltaF(result, post_loc, torch.zeros_like(post_loc))
+
+
+def spike_constants(
+    prior_loc: torch.Tensor,
+    prior_scale: torch.Tensor,
+    reduced_loc: torch.Tensor,
+    shape: torch.Size | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of the point-mass ΔF that do not involve the posterior,
+    :math:`(\\ln s, ((\\tilde m - m)/s)^2)`, computed once per distinct prior value
+    (a broadcast prior costs one element). With ``shape``, each is returned either
+    0-dim or flattened over ``shape``; else broadcastable to the prior."""
+    prior_loc, prior_scale = _compact_value(prior_loc), _compact_value(prior_scale)
+    d_priors = (reduced_loc - prior_loc) / prior_scale
+    terms = torch.log(prior_scale), d_priors * d_priors
+    if shape is None:
+        return terms
+    return tuple(t if t.dim() == 0 else t.expand(shape).reshape(-1) for t in terms)
+
+
+def spike_delta_f(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    log_s: torch.Tensor,
+    d_priors_sq: torch.Tensor,
+    reduced_loc: torch.Tensor,
+) -> torch.Tensor:
+    """ΔF of the point mass at ``reduced_loc`` given :func:`spike_constants`, with
+    broadcasting:
+
+    .. math:: \\Delta F = \\ln s - \\ln\\sigma
+        - \\tfrac12\\bigl[((\\mu - \\tilde m)/\\sigma)^2 - ((\\tilde m - m)/s)^2\\bigr],
+
+    the operations and their order those of the general formula at
+    :math:`\\tilde s = 0`, where :math:`g = \\sigma`, :math:`a = \\kappa = 1`, :math:`b = 0`."""
+    d_red = (mu - reduced_loc) / sigma
+    return (log_s - torch.log(sigma)) - 0.5 * (d_red * d_red - d_priors_sq)
+
+
+def _compact_value(t: torch.Tensor) -> torch.Tensor:
+    """:func:`~pyro_bmr._tensors.compact`, and 0-dim where one value is left."""
+    t = compact(t)
+    return t.reshape(()) if t.numel() == 1 else t
 
 
 def _direct(mu, sigma, m, s, m_red, s_red, posterior: bool = True) -> tuple:
@@ -170,19 +212,6 @@ def _repair(values: tuple, unsafe: torch.Tensor, inputs: tuple) -> tuple:
         None if x is None else x.expand(shape).clone().masked_scatter_(unsafe, y)
         for x, y in zip(values, safe)
     )
-
-
-def _as_tensors(*values: Number) -> tuple:
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if tensors:
-        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-        if not dtype.is_floating_point:
-            dtype = torch.get_default_dtype()
-        device = tensors[0].device
-    else:
-        dtype, device = torch.get_default_dtype(), torch.device("cpu")
-    out = [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
-    return tuple(out)
 
 
 def _validate_scales(sigma: torch.Tensor, s: torch.Tensor, s_red: torch.Tensor) -> None:

@@ -6,28 +6,23 @@ labels ``targets`` of shape ``(N,)``, and returns a Python ``float``. Computatio
 happens on the inputs' device, in their dtype or float32 where that is wider
 (so half-precision inputs do not lose the means' precision).
 
-Sparsity metrics take plain ``{site name: BoolTensor}`` dictionaries of masks
-(``True`` = kept), such as ``BayesianModelReduction.masks``, so this module does
-not depend on the handler.
+Sparsity is the library's to measure: :func:`pyro_bmr.report.sparsity` of a
+``{site name: BoolTensor}`` dictionary of masks gives the pruned fractions and, as
+``.compression``, the compression ratio.
 """
 
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
     "EpochTimer",
-    "PruningSummary",
     "accuracy",
     "brier_score",
-    "compression_ratio",
     "expected_calibration_error",
     "negative_log_likelihood",
     "posterior_predictive",
-    "pruned_fraction",
 ]
 
 
@@ -191,76 +186,6 @@ def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> float:
     probs = _widen(probs)
     onehot = torch.nn.functional.one_hot(targets.long(), probs.shape[-1]).to(probs.dtype)
     return (probs - onehot).pow(2).sum(-1).mean().item()
-
-
-@dataclass(frozen=True)
-class PruningSummary:
-    """Result of :func:`pruned_fraction`.
-
-    :ivar dict per_site: fraction of elements pruned at each site.
-    :ivar float total: fraction pruned over all sites together,
-        ``num_pruned / num_elements`` (large sites weigh more).
-    :ivar int num_pruned: number of pruned elements over all sites.
-    :ivar int num_elements: number of elements over all sites.
-    """
-
-    per_site: dict[str, float] = field(default_factory=dict)
-    total: float = 0.0
-    num_pruned: int = 0
-    num_elements: int = 0
-
-
-def _count_kept(masks: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"masks must be a mapping of site name to BoolTensor, got {type(masks)}")
-    if not masks:
-        raise ValueError("masks is empty: there are no sites to measure")
-    counts = {}
-    for name, mask in masks.items():
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask of site {name!r} must be a BoolTensor (True = kept), got {got}")
-        if mask.numel() == 0:
-            raise ValueError(f"mask of site {name!r} has no elements")
-        counts[name] = (int(mask.sum()), mask.numel())
-    return counts
-
-
-def pruned_fraction(masks: Mapping[str, torch.Tensor]) -> PruningSummary:
-    """Fraction of pruned elements per site and overall.
-
-    .. math::
-
-        f_k = 1 - \\frac{\\#\\{\\text{kept in } k\\}}{\\#\\{\\text{elements in } k\\}},
-        \\qquad
-        f = 1 - \\frac{\\sum_k \\#\\{\\text{kept in } k\\}}{\\sum_k \\#\\{\\text{elements in } k\\}}
-
-    :param masks: ``{site name: BoolTensor}`` with ``True`` where an element is kept.
-    :type masks: Mapping[str, torch.Tensor]
-    :returns: per-site and overall fractions with the counts behind them.
-    :rtype: PruningSummary
-    """
-    counts = _count_kept(masks)
-    per_site = {name: (n - kept) / n for name, (kept, n) in counts.items()}
-    num_elements = sum(n for _, n in counts.values())
-    num_pruned = num_elements - sum(kept for kept, _ in counts.values())
-    return PruningSummary(per_site, num_pruned / num_elements, num_pruned, num_elements)
-
-
-def compression_ratio(masks: Mapping[str, torch.Tensor]) -> float:
-    """Number of elements over number of kept elements, across all sites.
-
-    .. math:: r = \\frac{\\sum_k \\#\\{\\text{elements in } k\\}}{\\sum_k \\#\\{\\text{kept in } k\\}}
-
-    :param masks: ``{site name: BoolTensor}`` with ``True`` where an element is kept.
-    :type masks: Mapping[str, torch.Tensor]
-    :returns: the ratio, at least 1; ``math.inf`` when every element is pruned.
-    :rtype: float
-    """
-    counts = _count_kept(masks)
-    kept = sum(k for k, _ in counts.values())
-    total = sum(n for _, n in counts.values())
-    return math.inf if kept == 0 else total / kept
 
 
 class EpochTimer:

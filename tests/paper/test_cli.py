@@ -6,11 +6,10 @@ import sys
 import pytest
 import torch
 
-from pyro_bmr import cli
-from pyro_bmr.cli import main
-from pyro_bmr.data import DatasetNotFoundError
-from pyro_bmr.experiments import CURVES, OUTPUT_FILES
-from pyro_bmr.nn import METHODS
+from pyro_bmr.paper import METHODS, cli
+from pyro_bmr.paper.cli import main
+from pyro_bmr.paper.data import DatasetNotFoundError
+from pyro_bmr.paper.experiments import CURVES, OUTPUT_FILES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # digits subset, one small hidden layer, two posterior samples: a few seconds.
@@ -191,9 +190,10 @@ def test_threads_are_set_for_the_run_and_restored(tmp_path, monkeypatch):
     assert torch.get_num_threads() == before
 
 
-def test_python_dash_m_runs_the_command():
+@pytest.mark.parametrize("module", ["pyro_bmr", "pyro_bmr.paper"])
+def test_python_dash_m_runs_the_command(module):
     proc = subprocess.run(
-        [sys.executable, "-m", "pyro_bmr", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: pyro-bmr")

@@ -10,7 +10,7 @@ from torch.distributions import kl_divergence
 
 from pyro_bmr import BayesianModelReduction
 from pyro_bmr.guides import MeanFieldGuide
-from pyro_bmr.local_reparam import (
+from pyro_bmr.poutine.local_reparam_messenger import (
     LOCAL_REPARAMETERIZATION,
     LocalReparameterizationMessenger,
     local_reparameterization,
@@ -104,7 +104,7 @@ def test_per_element_prior_kl_matches_torch():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_kl_gradient(masked):
-    from pyro_bmr.local_reparam import _Draw, _kl_scalar_prior
+    from pyro_bmr.poutine.local_reparam_messenger import _Draw, _kl_scalar_prior
 
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -299,7 +299,7 @@ def test_a_site_that_stops_feeding_its_layer_is_an_error():
         trace.compute_log_prob()
 
 
-def test_handler_restores_functional_and_refuses_to_wrap():
+def test_handler_restores_functional():
     handler = local_reparameterization()
     assert isinstance(handler, LocalReparameterizationMessenger)
     with pytest.raises(RuntimeError):
@@ -307,8 +307,42 @@ def test_handler_restores_functional_and_refuses_to_wrap():
             assert F.linear is not ORIGINAL["linear"]
             raise RuntimeError("boom")
     assert all(getattr(F, name) is fn for name, fn in ORIGINAL.items())
-    with pytest.raises(TypeError, match="context manager"):
-        handler(_mlp_model)
+
+
+def test_function_form_wraps_what_runs_inference():
+    x, y = _data()
+    guide = _fitted_guide(_mlp_model, x, y)
+
+    def both(*args):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        return poutine.trace(poutine.replay(_mlp_model, trace=guide_trace)).get_trace(*args)
+
+    wrapped = local_reparameterization(both)
+    wrapped(x, y)
+    second = wrapped(x, y)
+    assert type(second.nodes["w1"]["fn"]).__name__ == "_NegativeKL"
+    assert torch.equal(second.nodes["w1"]["value"], guide.median()["w1"])
+    assert all(getattr(F, name) is fn for name, fn in ORIGINAL.items())
+    # wrapping the model alone leaves it as it is: its weights are drawn and used
+    model_only = local_reparameterization(_mlp_model)
+    for _ in range(2):
+        trace = poutine.trace(model_only).get_trace(x, y)
+        assert isinstance(trace.nodes["w1"]["fn"], dist.Independent)
+
+
+def test_layers_reach_the_handler_as_messages():
+    seen = []
+
+    class Spy(pyro.poutine.messenger.Messenger):
+        def _pyro_affine_layer(self, msg):
+            seen.append((msg["fn"].__name__, len(msg["args"])))
+
+    x = torch.randn(3, 4)
+    with local_reparameterization(), Spy():
+        F.linear(x, torch.randn(2, 4))
+        F.conv1d(x.unsqueeze(1), torch.randn(5, 1, 2), None, 1)
+    assert seen == [("linear", 2), ("conv1d", 4)]
+    assert torch.allclose(F.linear(x, torch.ones(1, 4)), x.sum(1, keepdim=True))
 
 
 def test_svi_with_handler_and_pyro_module_layers_learns():

@@ -26,15 +26,17 @@ for :math:`p = \\mathcal N(m, s^2)`, summed over kept elements (a pruned element
 a point mass at zero in both guide and prior and contributes nothing).
 """
 
-from typing import Callable, Dict, Optional, Set, Tuple
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import Message
+from pyro.poutine.runtime import Message, effectful
 
-from pyro_bmr._gaussian_kl import compact, float_mask, kl_elementwise, kl_sum, shared_masks
+from pyro_bmr._gaussian_kl import kl_elementwise, kl_sum, mask_and_count, shared_masks
+from pyro_bmr._tensors import compact
 from pyro_bmr.distributions import PrunedNormal
 from pyro_bmr.sites import innermost_normal
 
@@ -48,10 +50,14 @@ __all__ = [
 #: reparameterise locally (``MeanFieldGuide`` marks all of its sites).
 LOCAL_REPARAMETERIZATION = "local_reparameterization"
 
-_FUNCTIONS = ("linear", "conv1d", "conv2d", "conv3d")
+#: The ``torch.nn.functional`` layers whose calls the handler sees, as messages of
+#: type :data:`LAYER_MESSAGE` while it is active.
+LAYER_FUNCTIONS = ("linear", "conv1d", "conv2d", "conv3d")
+LAYER_MESSAGE = "affine_layer"
+_ARGUMENTS = ("input", "weight", "bias")
 
 
-def _elementwise_normal(fn) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+def _elementwise_normal(fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``(loc, scale, keep)`` of an elementwise Normal over its full shape (``keep``
     is ``None`` when nothing is pruned), looking through ``.to_event`` and ``.expand``."""
     found = innermost_normal(fn)
@@ -64,7 +70,7 @@ def _elementwise_normal(fn) -> Optional[Tuple[torch.Tensor, torch.Tensor, Option
 
 
 def _kl_scalar_prior(
-    draw: "_Draw", m: torch.Tensor, s: torch.Tensor, keep: Optional[torch.Tensor]
+    draw: "_Draw", m: torch.Tensor, s: torch.Tensor, keep: torch.Tensor | None
 ) -> torch.Tensor:
     """KL summed over the kept elements for a prior with one loc and one scale,
     reusing the draw's masked variance and float mask."""
@@ -73,7 +79,7 @@ def _kl_scalar_prior(
     if keep is draw.keep:
         mask, n = draw.float_mask()
         return kl_sum(draw.loc, draw.scale, draw.var(), m, s, mask, n)
-    mask, n = float_mask(keep, draw.loc.dtype)
+    mask, n = mask_and_count(keep, draw.loc.dtype)
     return kl_sum(draw.loc, draw.scale, draw.raw_var() * mask, m, s, mask, n)
 
 
@@ -100,17 +106,17 @@ class _Draw:
     def __init__(self, name, loc, scale, keep, analytic: bool, mask=None) -> None:
         self.name, self.loc, self.scale, self.keep, self.analytic = name, loc, scale, keep, analytic
         self._mask = mask  # keep as (0/1 float mask, number kept), made on first use
-        self.value: Optional[torch.Tensor] = None
+        self.value: torch.Tensor | None = None
         self.uses = 0  # calls of a patched layer function that received the value
         self.as_bias = False
-        self.partner: Optional["_Draw"] = None  # for a bias: the weight of its call
+        self.partner: _Draw | None = None  # for a bias: the weight of its call
         self.prior_ok = False  # the model's prior at the site is an elementwise Normal
-        self._raw_var: Optional[torch.Tensor] = None
-        self._var: Optional[torch.Tensor] = None
+        self._raw_var: torch.Tensor | None = None
+        self._var: torch.Tensor | None = None
 
-    def float_mask(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def float_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._mask is None:
-            self._mask = float_mask(self.keep, self.loc.dtype)
+            self._mask = mask_and_count(self.keep, self.loc.dtype)
         return self._mask
 
     def mean(self) -> torch.Tensor:
@@ -219,7 +225,7 @@ class LocalReparameterizationMessenger(Messenger):
       :math:`\\sigma^2` (and a bias's mean and variance) are zero at pruned
       elements: a pruned weight adds no mean and no variance.
 
-    Other sites and calls are left alone. See :mod:`pyro_bmr.local_reparam`.
+    Other sites and calls are left alone. See :mod:`pyro_bmr.poutine.local_reparam_messenger`.
 
     .. code-block:: python
 
@@ -230,40 +236,37 @@ class LocalReparameterizationMessenger(Messenger):
                 for x, y in loader:
                     svi.step(x, y)
 
-    Use it as a context manager around inference (outside the ELBO's own
-    handlers), and keep one instance for the whole loop: what it learns in the
-    first step is kept by the instance. Inside it, traces show the posterior mean
+    Use it around inference (outside the ELBO's own handlers), as a context
+    manager or by wrapping the function that runs inference (see
+    :func:`local_reparameterization`), and keep one instance for the whole loop:
+    what it learns in the first step is kept by the instance. The layers reach it
+    as Pyro messages of type ``"affine_layer"``: while it is active, the functions
+    of :data:`LAYER_FUNCTIONS` in ``torch.nn.functional`` are made effectful
+    (``pyro.poutine.runtime.effectful``), so it is not thread-safe. Inside it, traces show the posterior mean
     at the affected weight sites; run :class:`~pyro.infer.Predictive` outside it
     to draw weights. A weight that feeds no layer or several in a later run is an
     error when its KL is scored; a weight that, besides its layer, also enters
     other computations of the model (a penalty, tied weights) is not detected and
-    must not be used with the handler. The functions are patched in
-    ``torch.nn.functional`` while the handler is active, so it is not thread-safe.
+    must not be used with the handler.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._analytic: Set[str] = set()
-        self._draws: Dict[int, _Draw] = {}
-        self._latest: Dict[str, _Draw] = {}
-        self._fresh: Dict[str, _Draw] = {}
-        self._saved: Dict[str, Callable] = {}
+        self._analytic: set[str] = set()
+        self._draws: dict[int, _Draw] = {}
+        self._latest: dict[str, _Draw] = {}
+        self._fresh: dict[str, _Draw] = {}
+        self._saved: dict[str, Callable] = {}
         # BMR hands every step the same mask tensors: convert each to floats once.
-        self._masks: Dict[tuple, Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def __call__(self, fn):
-        raise TypeError(
-            "local_reparameterization must see the guide and the model from outside the "
-            "ELBO: use it as a context manager around inference, not as a function wrapper"
-        )
+        self._masks: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __enter__(self) -> "LocalReparameterizationMessenger":
-        result = super().__enter__()
-        self._saved = {name: getattr(F, name) for name in _FUNCTIONS}
-        F.linear = self._linear
-        for name in _FUNCTIONS[1:]:
-            setattr(F, name, self._conv(name))
-        return result
+        # While the handler is active, the layer functions of torch.nn.functional are
+        # effectful: each call is a Pyro message that reaches this handler last.
+        self._saved = {name: getattr(F, name) for name in LAYER_FUNCTIONS}
+        for name, fn in self._saved.items():
+            setattr(F, name, functools.update_wrapper(effectful(fn, type=LAYER_MESSAGE), fn))
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
         for name, fn in self._saved.items():
@@ -313,14 +316,14 @@ class LocalReparameterizationMessenger(Messenger):
                 draw.value = msg["value"]
                 self._register(draw)
 
-    def _cached_mask(self, keep: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _cached_mask(self, keep: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (keep.data_ptr(), keep._version, keep.shape, keep.stride(), keep.device, dtype)
         hit = self._masks.get(key)
         if hit is None:
             if len(self._masks) >= 4 * max(len(self._latest), 1):
                 self._masks.clear()
             # The entry holds ``keep``, so its memory cannot be reused by another mask.
-            hit = self._masks[key] = (keep, float_mask(keep, dtype))
+            hit = self._masks[key] = (keep, mask_and_count(keep, dtype))
         return hit[1]
 
     def _register(self, draw: _Draw) -> None:
@@ -343,7 +346,7 @@ class LocalReparameterizationMessenger(Messenger):
         if single:
             self._analytic.add(name)
 
-    def _lookup(self, tensor: Optional[torch.Tensor]) -> Optional[_Draw]:
+    def _lookup(self, tensor: torch.Tensor | None) -> _Draw | None:
         if tensor is None:
             return None
         draw = self._draws.get(id(tensor))
@@ -351,7 +354,15 @@ class LocalReparameterizationMessenger(Messenger):
 
     # -- layers ---------------------------------------------------------------------
 
-    def _affine(self, fn: Callable, x: torch.Tensor, weight, bias, *args) -> torch.Tensor:
+    def _pyro_affine_layer(self, msg: Message) -> None:
+        if msg["done"] or msg["value"] is not None:
+            return
+        args, kwargs = list(msg["args"]), dict(msg["kwargs"])
+        x, weight, bias = (args.pop(0) if args else kwargs.pop(name, None) for name in _ARGUMENTS)
+        msg["value"] = self._affine(msg["fn"], x, weight, bias, *args, **kwargs)
+        msg["done"] = True
+
+    def _affine(self, fn: Callable, x: torch.Tensor, weight, bias, *args, **kwargs) -> torch.Tensor:
         w, b = self._lookup(weight), self._lookup(bias)
         if w is not None:
             w.uses += 1
@@ -364,28 +375,29 @@ class LocalReparameterizationMessenger(Messenger):
                     f"site {b.name!r} is reparameterised locally but its layer's weight "
                     "is not; the model's use of its sites changed between runs"
                 )
-            return fn(x, weight, bias, *args)
+            return fn(x, weight, bias, *args, **kwargs)
         analytic_bias = b is not None and b.analytic
-        mean = fn(x, w.value, b.value if analytic_bias else bias, *args)
-        var = fn(x.square(), w.var(), b.var() if analytic_bias else None, *args)
+        mean = fn(x, w.value, b.value if analytic_bias else bias, *args, **kwargs)
+        var = fn(x.square(), w.var(), b.var() if analytic_bias else None, *args, **kwargs)
         # Clamping keeps the gradient of sqrt finite where the variance is zero
         # (every weight of a unit pruned, or all its inputs zero).
         std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
         return torch.addcmul(mean, std, torch.randn_like(mean))
 
-    def _linear(self, input, weight, bias=None):
-        return self._affine(self._saved["linear"], input, weight, bias)
 
-    def _conv(self, name: str) -> Callable:
-        def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-            return self._affine(
-                self._saved[name], input, weight, bias, stride, padding, dilation, groups
-            )
+def local_reparameterization(
+    fn: Callable | None = None,
+) -> LocalReparameterizationMessenger | Callable:
+    """Functional form of :class:`LocalReparameterizationMessenger`.
 
-        return conv
+    ``local_reparameterization()`` is a new handler, to use as a context manager
+    around inference (``with local_reparameterization(): svi.step(x, y)``);
+    ``local_reparameterization(fn)`` wraps a function that runs inference, such as
+    ``svi.step`` or a whole training loop. Either way it must see the guide and the
+    model together, from outside the ELBO: wrapping the model or the guide alone
+    leaves every layer as it is.
 
-
-def local_reparameterization() -> LocalReparameterizationMessenger:
-    """A new :class:`LocalReparameterizationMessenger`, to be used as a context
-    manager around inference: ``with local_reparameterization(): svi.step(x, y)``."""
-    return LocalReparameterizationMessenger()
+    :param fn: a function that runs inference, or ``None``.
+    """
+    messenger = LocalReparameterizationMessenger()
+    return messenger if fn is None else messenger(fn)

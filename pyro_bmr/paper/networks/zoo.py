@@ -1,8 +1,8 @@
 """Ready deterministic networks for image classification and a factory by name.
 
 Every network is a plain ``torch.nn.Module`` mapping ``(N, C, H, W)`` images to
-``(N, num_classes)`` logits; :class:`~pyro_bmr.nn.convert.BayesianModule` makes
-it Bayesian.
+``(N, num_classes)`` logits; :class:`~pyro_bmr.nn.BayesianModule` makes it
+Bayesian.
 """
 
 import math

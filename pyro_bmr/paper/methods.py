@@ -1,12 +1,12 @@
 """The four methods of Marković, Friston & Kiebel (2023) as one code path.
 
-* ``flat-map`` -- :class:`~pyro_bmr.nn.priors.GaussianPrior` (scale 1) and an
+* ``flat-map`` -- :class:`~pyro_bmr.nn.GaussianPrior` (scale 1) and an
   ``AutoDelta`` guide (MAP);
-* ``flat-ff`` -- :class:`~pyro_bmr.nn.priors.GaussianPrior` (scale 1) and an
+* ``flat-ff`` -- :class:`~pyro_bmr.nn.GaussianPrior` (scale 1) and an
   ``AutoNormal`` guide;
-* ``tiered-ff`` -- :class:`~pyro_bmr.nn.priors.HorseshoePrior` (regularised
+* ``tiered-ff`` -- :class:`~pyro_bmr.nn.HorseshoePrior` (regularised
   horseshoe) and ``AutoNormal`` over every latent site;
-* ``bmr`` -- :class:`~pyro_bmr.nn.priors.LayerScalePrior` (precision
+* ``bmr`` -- :class:`~pyro_bmr.nn.LayerScalePrior` (precision
   :math:`c^{-2} \\sim \\mathrm{Gamma}(2, 2)` per layer) and ``AutoNormal``,
   trained by :class:`~pyro_bmr.StochasticBMR` with
   :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.
@@ -14,7 +14,7 @@
 No method but ``bmr`` prunes.
 
 :func:`fit_method` trains one method and yields an :class:`EpochRecord` after
-every epoch. Metrics are left to :mod:`pyro_bmr.metrics`; a record gives what
+every epoch. Metrics are left to :mod:`pyro_bmr.paper.metrics`; a record gives what
 they need through :meth:`EpochRecord.predict_proba` and
 :meth:`EpochRecord.predict_loader`.
 """
@@ -32,13 +32,22 @@ from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
-from pyro_bmr import BayesianModelReduction, Sparsity, SpikeAndSlabRule, StochasticBMR
+from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, StochasticBMR
 from pyro_bmr.guides import GUIDES, make_guide
+from pyro_bmr.nn import (
+    BayesianClassifier,
+    GaussianPrior,
+    HorseshoePrior,
+    LayerScalePrior,
+    Predicate,
+    Prior,
+    posterior_means,
+    predict_proba,
+)
+from pyro_bmr.report import Sparsity
 
-from .classifier import BayesianClassifier, posterior_means, predict_proba
-from .convert import Predicate
-from .networks import build_network, check_network_name
-from .priors import GaussianPrior, HorseshoePrior, LayerScalePrior, Prior
+from .networks import build_network
+from .networks.zoo import check_network_name
 
 __all__ = ["METHODS", "EpochRecord", "fit_method", "method_prior"]
 
@@ -217,7 +226,7 @@ def fit_method(
 
     Clears Pyro's param store and seeds every generator with ``seed`` first, so the
     same arguments give bit-identical results on a CPU. The network is built with
-    :func:`~pyro_bmr.nn.networks.build_network`, made Bayesian under
+    :func:`~pyro_bmr.paper.networks.build_network`, made Bayesian under
     :func:`method_prior` and fitted with Adam (fused, on CPU and CUDA) on the ELBO
     (``Trace_ELBO``); ``bmr`` trains through :class:`~pyro_bmr.StochasticBMR` with
     :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.

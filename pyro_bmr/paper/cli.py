@@ -1,9 +1,9 @@
-"""The ``pyro-bmr`` command (also ``python -m pyro_bmr``).
+"""The ``pyro-bmr`` command (also ``python -m pyro_bmr.paper`` and ``python -m pyro_bmr``).
 
 ``pyro-bmr run`` compares the paper's methods on an image data set with
-:func:`~pyro_bmr.experiments.run_comparison`, prints the final numbers as a table
+:func:`~pyro_bmr.paper.experiments.run_comparison`, prints the final numbers as a table
 and writes ``results.json`` and the four figures with
-:func:`~pyro_bmr.experiments.write_outputs`. Bad options end in a one-line usage
+:func:`~pyro_bmr.paper.experiments.write_outputs`. Bad options end in a one-line usage
 error (exit code 2), a missing data set in a message that names the expected
 files (exit code 1); neither prints a traceback.
 """
@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pyro_bmr.guides import GUIDES
+
 from .data import DATASETS, DEFAULT_DATA_DIR, DatasetNotFoundError, load_dataset
 from .experiments import (
     DEFAULTS,
@@ -23,8 +25,8 @@ from .experiments import (
     run_comparison,
     write_outputs,
 )
-from .guides import GUIDES
-from .nn import METHODS, NETWORKS
+from .methods import METHODS
+from .networks import NETWORKS
 
 __all__ = ["build_parser", "main"]
 

@@ -18,7 +18,8 @@ one :class:`LinearChain`:
 
 import copy
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -26,13 +27,15 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import transform_to
 
+from pyro_bmr import _pyro_compat
+
 __all__ = [
     "LinearChain",
     "SPARSE_DENSITY",
     "SPARSE_MIN_SIZE",
     "SPARSE_MIN_SIZE_SINGLE",
     "export",
-    "posterior_mean",
+    "guide_means",
 ]
 
 #: Layers with at most this fraction of non-zero weights use sparse kernels.
@@ -51,9 +54,7 @@ _ELEMENTWISE = (
 )  # fmt: skip
 
 
-def posterior_mean(
-    guide: Any, *args, bmr: Optional[Any] = None, **kwargs
-) -> Dict[str, torch.Tensor]:
+def guide_means(guide: Any, *args, bmr: Any | None = None, **kwargs) -> dict[str, torch.Tensor]:
     """The guide's posterior mean of every latent site, zero where ``bmr`` pruned.
 
     For a site on the real line this is the Gaussian's location; for a constrained
@@ -81,8 +82,8 @@ def export(
     model: Any,
     guide: Any,
     *args,
-    bmr: Optional[Any] = None,
-    module: Optional[nn.Module] = None,
+    bmr: Any | None = None,
+    module: nn.Module | None = None,
     sparse_density: float = SPARSE_DENSITY,
     compress: bool = True,
     **kwargs,
@@ -90,7 +91,7 @@ def export(
     """A deterministic copy of a Bayesian network with posterior-mean weights.
 
     The model is run once on ``*args, **kwargs`` with every latent site fixed at
-    :func:`posterior_mean`, so weights computed from latent sites (a decentered
+    :func:`guide_means`, so weights computed from latent sites (a decentered
     prior's ``scale * z``) take the values the network would use; those values
     become plain parameters of a copy of ``module`` in which every ``PyroModule``
     is turned back into its ``torch.nn`` class. The copy, in ``eval`` mode, computes
@@ -125,7 +126,7 @@ def export(
         raise TypeError(f"module must be a PyroModule, got {type(module).__name__}")
     if not 0.0 <= sparse_density <= 1.0:
         raise ValueError(f"sparse_density must be in [0, 1], got {sparse_density!r}")
-    means = posterior_mean(guide, *args, bmr=bmr, **kwargs)
+    means = guide_means(guide, *args, bmr=bmr, **kwargs)
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(model, data=means)).get_trace(*args, **kwargs)
     plain = _plain_copy(module, trace)
@@ -153,8 +154,8 @@ def _plain_copy(module: PyroModule, trace) -> nn.Module:
     values = {}
     for path, sub in module.named_modules():
         if isinstance(sub, PyroModule):
-            for attr in sub._pyro_samples:
-                site = sub._pyro_get_fullname(attr)
+            for attr in _pyro_compat.random_attributes(sub):
+                site = _pyro_compat.random_site_name(sub, attr)
                 node = trace.nodes.get(site)
                 if node is None:
                     raise ValueError(f"random parameter site {site!r} is not in the model's trace")
@@ -163,18 +164,13 @@ def _plain_copy(module: PyroModule, trace) -> nn.Module:
     for path, sub in list(plain.named_modules()):
         if not isinstance(sub, PyroModule):
             continue
-        params = {}
-        for attr, (constraint, _) in sub._pyro_params.items():
-            unconstrained = sub._parameters.pop(attr + "_unconstrained")
-            params[attr] = transform_to(constraint)(unconstrained).detach()
-        for attr in sub._pyro_samples:
+        params = {
+            attr: transform_to(constraint)(_pyro_compat.unconstrained_parameter(sub, attr)).detach()
+            for attr, constraint in _pyro_compat.param_attributes(sub).items()
+        }
+        for attr in _pyro_compat.random_attributes(sub):
             params[attr] = values[path, attr]
-        cls = _plain_class(sub)
-        for key in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples"):
-            sub.__dict__.pop(key, None)
-        sub.__class__ = cls
-        for attr, value in params.items():
-            sub.register_parameter(attr, nn.Parameter(value.clone()))
+        _pyro_compat.to_torch_module_(sub, _plain_class(sub), params)
     return plain
 
 
@@ -194,7 +190,7 @@ def _compress(module: nn.Module, sparse_density: float) -> nn.Module:
 
 def _compress_sequential(seq: nn.Sequential, sparse_density: float) -> nn.Module:
     items = [_compress(child, sparse_density) for child in seq]
-    out: List[nn.Module] = []
+    out: list[nn.Module] = []
     i = 0
     while i < len(items):
         start = i
@@ -203,7 +199,7 @@ def _compress_sequential(seq: nn.Sequential, sparse_density: float) -> nn.Module
             -1,
         )
         j = i + 1 if flatten else i
-        layers: List[Tuple[nn.Linear, List[nn.Module]]] = []
+        layers: list[tuple[nn.Linear, list[nn.Module]]] = []
         while j < len(items) and type(items[j]) is nn.Linear:
             k = j + 1
             while k < len(items) and type(items[k]) in _ELEMENTWISE:
@@ -226,7 +222,7 @@ def _compress_sequential(seq: nn.Sequential, sparse_density: float) -> nn.Module
 
 
 def _prune_units(
-    weights: List[torch.Tensor], biases: List[torch.Tensor], acts: List[List[nn.Module]]
+    weights: list[torch.Tensor], biases: list[torch.Tensor], acts: list[list[nn.Module]]
 ) -> None:
     """Remove dead and unused hidden units in place (see the module docstring)."""
     changed = True
@@ -267,12 +263,12 @@ class LinearChain(nn.Module):
         super().__init__()
         self.flatten = flatten
         self.layers = nn.ModuleList(layers)
-        self._plan: Optional[Tuple[list, list]] = None
+        self._plan: tuple[list, list] | None = None
 
     @classmethod
     def from_layers(
         cls,
-        layers: Sequence[Tuple[nn.Linear, Sequence[nn.Module]]],
+        layers: Sequence[tuple[nn.Linear, Sequence[nn.Module]]],
         flatten: bool = False,
         sparse_density: float = SPARSE_DENSITY,
     ) -> "LinearChain":
@@ -382,7 +378,7 @@ class _ChainLayer(nn.Module):
         self.relu = len(acts) == 1 and type(acts[0]) is nn.ReLU
         self.acts = nn.ModuleList([] if self.relu else acts)
 
-    def kernel_weights(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def kernel_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The weight in CSR form if a kernel uses it, and dense if a kernel uses it."""
         if "weight" in self._buffers:
             return None, self.weight

@@ -6,15 +6,8 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_bmr import BayesianModelReduction
-from pyro_bmr.nn import (
-    METHODS,
-    NETWORKS,
-    GaussianPrior,
-    HorseshoePrior,
-    LayerScalePrior,
-    fit_method,
-    method_prior,
-)
+from pyro_bmr.nn import GaussianPrior, HorseshoePrior, LayerScalePrior
+from pyro_bmr.paper import METHODS, NETWORKS, fit_method, method_prior
 
 SMALL = {
     "mlp": {"hidden": (8,)},
@@ -130,7 +123,7 @@ def test_unknown_names_are_refused():
 
 
 def test_training_uses_fused_adam_on_cpu_and_plain_adam_elsewhere():
-    from pyro_bmr.nn.methods import _adam
+    from pyro_bmr.paper.methods import _adam
 
     # the for-loop Adam slows down on the exactly-zero gradients of pruned elements
     assert _adam(1e-3, "cpu").pt_optim_args == {"lr": 1e-3, "fused": True}

@@ -4,16 +4,13 @@ import time
 import pytest
 import torch
 
-from pyro_bmr.metrics import (
+from pyro_bmr.paper.metrics import (
     EpochTimer,
-    PruningSummary,
     accuracy,
     brier_score,
-    compression_ratio,
     expected_calibration_error,
     negative_log_likelihood,
     posterior_predictive,
-    pruned_fraction,
 )
 
 # Four examples, two classes. Confidences 0.9, 0.6, 0.7, 0.55; predictions 0, 0, 1, 1;
@@ -146,36 +143,6 @@ def test_metrics_on_cuda(example):
     assert expected_calibration_error(probs, targets, num_bins=2) == pytest.approx(0.3875)
     assert brier_score(probs, targets) == pytest.approx(0.38125)
     assert posterior_predictive(probs.unsqueeze(0)).device == probs.device
-
-
-MASKS = {
-    "a": torch.tensor([True, False, False, True]),
-    "b": torch.tensor([[True, True, True], [True, True, False]]),
-}
-
-
-def test_pruned_fraction():
-    summary = pruned_fraction(MASKS)
-    assert isinstance(summary, PruningSummary)
-    assert summary.per_site == {"a": 0.5, "b": pytest.approx(1 / 6)}
-    assert summary.num_pruned == 3
-    assert summary.num_elements == 10
-    assert summary.total == pytest.approx(0.3)
-
-
-def test_compression_ratio():
-    assert compression_ratio(MASKS) == pytest.approx(10 / 7)
-    assert compression_ratio({"a": torch.ones(5, dtype=torch.bool)}) == 1.0
-    assert compression_ratio({"a": torch.zeros(5, dtype=torch.bool)}) == math.inf
-
-
-def test_mask_metrics_reject_bad_masks():
-    with pytest.raises(TypeError, match="'w'.*BoolTensor"):
-        pruned_fraction({"w": torch.ones(3)})
-    with pytest.raises(ValueError, match="empty"):
-        compression_ratio({})
-    with pytest.raises(ValueError, match="'w' has no elements"):
-        pruned_fraction({"w": torch.ones(0, dtype=torch.bool)})
 
 
 def test_epoch_timer_measures_elapsed_seconds():

@@ -1,6 +1,7 @@
 """An effect handler that replaces pruned elements by a point mass at zero."""
 
-from typing import Callable, Dict, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import pyro
 import torch
@@ -8,6 +9,7 @@ from pyro.distributions import Delta
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 
+from pyro_bmr._masks import check_mask
 from pyro_bmr.distributions import PrunedNormal, _Mask
 from pyro_bmr.sites import normal_params
 
@@ -25,24 +27,36 @@ class PruneMessenger(Messenger):
     parameters, and extra leading (particle) dimensions broadcast.
 
     :param dict masks: site name → bool tensor, True = kept.
+    :raises MaskError: (a ``ValueError``) for a mask that is not a bool tensor, and
+        at a masked site whose shape the mask does not fit.
     :raises ValueError: at a masked site whose distribution is not an elementwise
-        Normal, or whose shape the mask does not fit.
+        Normal.
     """
 
-    def __init__(self, masks: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
-        masks = dict(masks or {})
-        for name, mask in masks.items():
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise ValueError(f"mask for site {name!r} must be a bool tensor, got {mask!r}")
-        self._site_masks: Dict[str, torch.Tensor] = masks
         # what the distributions derive from each mask (0/1 floats, counts), made once
         # and reused by every step; keyed by the mask's identity and version, so an
         # in-place change of a mask makes a new entry
-        self._masks_info: Dict[tuple, _Mask] = {}
+        self._derived: dict[tuple, _Mask] = {}
+        self.masks = masks or {}
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Site name → bool tensor, True = kept (a read-only view; assign a new
+        mapping to replace them all)."""
+        return MappingProxyType(self._masks)
+
+    @masks.setter
+    def masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        masks = {name: check_mask(name, mask) for name, mask in dict(masks).items()}
+        self._masks = masks
+        live = {id(mask) for mask in masks.values()}
+        for key in [k for k in self._derived if k[0] not in live]:
+            del self._derived[key]
 
     def _pyro_sample(self, msg: Message) -> None:
-        mask = self._site_masks.get(msg["name"])
+        mask = self._masks.get(msg["name"])
         if mask is None or msg["is_observed"]:
             return
         fn = msg["fn"]
@@ -56,50 +70,29 @@ class PruneMessenger(Messenger):
             )
         loc, scale, event_dim = params
         shape = fn.batch_shape + fn.event_shape
-        info = self._mask_info(mask.to(loc.device))
+        derived = self._derive(mask.to(loc.device))
         if any(
             f.dim is not None and f.full_size is not None and f.full_size != f.size
             for f in msg["cond_indep_stack"]
         ):
-            info = _Mask(
-                pyro.subsample(info.keep, event_dim=event_dim),
-                pyro.subsample(info.as_float(loc.dtype), event_dim=event_dim),
+            derived = _Mask(
+                pyro.subsample(derived.keep, event_dim=event_dim),
+                pyro.subsample(derived.as_float(loc.dtype), event_dim=event_dim),
             )
-        self._check_fits(msg["name"], info.keep, shape)
-        msg["fn"] = PrunedNormal._masked(loc, scale, info, shape, event_dim)
+        check_mask(msg["name"], derived.keep, shape, broadcast=True)
+        msg["fn"] = PrunedNormal._masked(loc, scale, derived, shape, event_dim)
 
-    def _mask_info(self, mask: torch.Tensor) -> _Mask:
+    def _derive(self, mask: torch.Tensor) -> _Mask:
         key = (id(mask), mask._version)
-        info = self._masks_info.get(key)
-        if info is None or info.keep is not mask:
-            info = self._masks_info[key] = _Mask(mask)
-        return info
-
-    def _float_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._mask_info(mask).as_float(dtype)
-
-    def _forget_float_masks(self) -> None:
-        """Drop what was cached for masks no longer in use."""
-        live = {id(mask) for mask in self._site_masks.values()}
-        for key in [k for k in self._masks_info if k[0] not in live]:
-            del self._masks_info[key]
-
-    @staticmethod
-    def _check_fits(name: str, mask: torch.Tensor, shape: torch.Size) -> None:
-        try:
-            fits = torch.broadcast_shapes(mask.shape, shape) == shape
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit site {name!r} "
-                f"of shape {tuple(shape)}"
-            )
+        derived = self._derived.get(key)
+        if derived is None or derived.keep is not mask:
+            derived = self._derived[key] = _Mask(mask)
+        return derived
 
 
 def prune(
-    fn: Optional[Callable] = None, masks: Optional[Mapping[str, torch.Tensor]] = None
-) -> Union[PruneMessenger, Callable]:
+    fn: Callable | None = None, masks: Mapping[str, torch.Tensor] | None = None
+) -> PruneMessenger | Callable:
     """Functional form of :class:`PruneMessenger`: ``prune(model, masks)``.
 
     :param fn: a stochastic function (model or guide).

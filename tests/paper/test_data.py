@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from pyro_bmr.data import (
+from pyro_bmr.paper.data import (
     DATASETS,
     DatasetNotFoundError,
     DatasetSplits,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_bmr.plots import (
+from pyro_bmr.paper.plots import (
     _ecdf_points,
     plot_first_layer,
     plot_metrics,

@@ -9,16 +9,18 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_bmr import BayesianModelReduction, mean_field_posterior
-from pyro_bmr.export import (
+from pyro_bmr import BayesianModelReduction
+from pyro_bmr.deterministic import (
     SPARSE_MIN_SIZE,
     SPARSE_MIN_SIZE_SINGLE,
     LinearChain,
     export,
-    posterior_mean,
+    guide_means,
 )
 from pyro_bmr.guides import MeanFieldGuide
-from pyro_bmr.nn import MLP, BayesianClassifier, GaussianPrior, LayerScalePrior, LeNet5
+from pyro_bmr.nn import BayesianClassifier, GaussianPrior, LayerScalePrior
+from pyro_bmr.paper.networks import MLP, LeNet5
+from pyro_bmr.posteriors import mean_field_posterior
 
 
 def _fit(model, guide_cls, x, y, steps=20):
@@ -45,7 +47,7 @@ def _prune(bmr, x, y, fraction=0.6, seed=0):
 def _reference(model, guide, bmr, x):
     """The reduced model run with every latent site at its posterior mean."""
     with torch.no_grad():
-        return poutine.condition(model, data=posterior_mean(guide, x, bmr=bmr))(x)
+        return poutine.condition(model, data=guide_means(guide, x, bmr=bmr))(x)
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def test_gaussian_mlp_matches_the_posterior_mean_of_the_reduced_model(data, guid
         assert torch.allclose(exported(x[:1]), _reference(model, guide, bmr, x[:1]), atol=1e-5)
     # the posterior mean of a Gaussian site is the guide's loc, zero where pruned
     loc, _ = mean_field_posterior(guide).loc_scale("net.1.weight")
-    mean = posterior_mean(guide, x, bmr=bmr)["net.1.weight"]
+    mean = guide_means(guide, x, bmr=bmr)["net.1.weight"]
     keep = bmr.masks["net.1.weight"]
     assert torch.equal(mean, torch.where(keep, loc, torch.zeros_like(loc)))
 
@@ -175,13 +177,13 @@ def test_errors(data):
     with pytest.raises(ValueError, match="sparse_density"):
         export(model, guide, x, sparse_density=2.0)
     with pytest.raises(TypeError, match="no median"):
-        posterior_mean(lambda x: None)
+        guide_means(lambda x: None)
 
     class Fake:
         masks = {"nope": torch.ones(2, dtype=torch.bool)}
 
     with pytest.raises(ValueError, match="'nope'"):
-        posterior_mean(guide, x, bmr=Fake())
+        guide_means(guide, x, bmr=Fake())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
