@@ -242,21 +242,24 @@ def decide(
 _EXACT_FLOAT32_COUNT = 1 << 24
 
 
-def _in_range(rho, low, high):
-    return ((rho >= low) & (rho <= high)).all()
+def _valid(loc, rho, low, high):
+    return ((rho >= low) & (rho <= high)).all() & torch.isfinite(loc).all()
 
 
-def log_scales_safe(log_scales: Sequence[torch.Tensor], work: int | None = None) -> torch.Tensor:
-    """Whether every σ = exp(ρ) is certainly a normal, finite number (0-dim bool, no
-    sync): ρ within a margin of the logarithms of the dtype's smallest normal and
-    largest values. False for NaN, and for the absurd scales near those limits,
-    which the plain path then checks exactly."""
+def storage_safe(
+    storage: Sequence[tuple[torch.Tensor, torch.Tensor]], work: int | None = None
+) -> torch.Tensor:
+    """Whether every ``(loc, ρ)`` pair holds finite locs and scales σ = exp(ρ) that
+    are certainly normal, finite numbers (0-dim bool, no sync): ρ within a margin of
+    the logarithms of the dtype's smallest normal and largest values. False for NaN
+    or infinite locs, NaN ρ, and the absurd scales near those limits, which the plain
+    path then checks exactly (and names the site)."""
     checks = []
-    for rho in log_scales:
+    for loc, rho in storage:
         if rho.numel():
             info = torch.finfo(rho.dtype)
             low, high = math.log(info.tiny) + 1, math.log(info.max) - 1
-            checks.append(_run(_in_range, _in_range, work, rho, rho, low, high))
+            checks.append(_run(_valid, _valid, work, rho, loc, rho, low, high))
     return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
 
 

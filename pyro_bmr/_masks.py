@@ -1,8 +1,10 @@
 """Pruning masks: the checks every entry point applies, and their float form (private)."""
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
-__all__ = ["MaskError", "check_mask", "float_mask"]
+__all__ = ["MaskError", "MaskView", "check_mask", "float_mask"]
 
 
 class MaskError(ValueError):
@@ -38,3 +40,23 @@ def float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask as 0/1 floats (through ``uint8``, which converts several times
     faster than ``bool`` on CPU)."""
     return mask.view(torch.uint8).to(dtype)
+
+
+class MaskView(Mapping):
+    """A read-only mapping of masks that hands out copies, so that no caller can
+    change a mask behind its owner's back."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        self._masks = masks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name].clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"MaskView({', '.join(self._masks)})"

@@ -10,17 +10,23 @@ the hook Pyro's own autoguides override; it is called only through here.)
 from collections.abc import Callable
 from typing import Any
 
+import pyro
 import torch
 from pyro.infer import ELBO
 from pyro.nn import PyroModule
 from torch.distributions import constraints
 
 __all__ = [
+    "autocallable_guide",
     "autoguide_plates",
     "autoguide_prefix",
+    "converted_from",
     "forget_compiled",
+    "has_run",
+    "make_deterministic_",
     "module_prefix",
     "param_attributes",
+    "param_constraint",
     "random_attributes",
     "random_site_name",
     "setup_prototype",
@@ -38,6 +44,12 @@ JIT_ELBO_CACHES = (
 
 
 # -- autoguides ----------------------------------------------------------------------
+
+
+def is_prepared(guide: Any) -> bool:
+    """Whether an autoguide has created its parameters (``prototype_trace``);
+    ``False`` for anything that is not an autoguide."""
+    return getattr(guide, "prototype_trace", None) is not None
 
 
 def setup_prototype(guide: Any, *args, **kwargs) -> None:
@@ -64,6 +76,22 @@ def autoguide_prefix(guide: Any) -> str:
     """The prefix of an autoguide's own sites, as in ``_<prefix>_latent``
     (``_pyro_name``)."""
     return guide._pyro_name
+
+
+def autocallable_guide(part: Any) -> Callable:
+    """The guide function an ``AutoCallable`` wraps (``_guide``): what
+    ``AutoGuideList.append`` makes of a plain callable."""
+    return part._guide
+
+
+# -- the param store -------------------------------------------------------------------
+
+
+def param_constraint(name: str) -> constraints.Constraint:
+    """The constraint of the param store's parameter ``name`` (``_constraints``); the
+    store's ``get_state`` would also strip the ``unconstrained`` weakrefs of the
+    constrained values handed out."""
+    return pyro.get_param_store()._constraints[name]
 
 
 # -- PyroModule ------------------------------------------------------------------------
@@ -96,14 +124,53 @@ def unconstrained_parameter(module: PyroModule, attr: str) -> torch.nn.Parameter
     return module._parameters[attr + "_unconstrained"]
 
 
+def has_run(module: PyroModule) -> bool:
+    """Whether a ``PyroModule`` has run, so that its site names are defined
+    (``_pyro_context.used``)."""
+    return module.__dict__["_pyro_context"].used
+
+
+def converted_from(cls: type) -> type | None:
+    """The ``torch.nn`` class that ``PyroModule[...]`` turned into ``cls``
+    (``_PyroModuleMeta._pyro_mixin_cache``): ``nn.Module`` for ``PyroModule``
+    itself, ``None`` for any other class, such as a user's own ``PyroModule``
+    subclass (even one derived from a ``PyroModule[...]`` class)."""
+    if cls is PyroModule:
+        return torch.nn.Module
+    for torch_cls, pyro_cls in type(PyroModule)._pyro_mixin_cache.items():
+        if pyro_cls is cls:
+            return torch_cls
+    return None
+
+
 def to_torch_module_(module: PyroModule, cls: type, params: dict[str, torch.Tensor]) -> None:
     """Turn ``module`` back into the ``torch.nn`` class ``cls`` in place, with
     ``params`` as its plain parameters (the reverse of ``to_pyro_module_``)."""
-    for attr in param_attributes(module):
-        module._parameters.pop(attr + "_unconstrained", None)
+    _drop_random_attributes(module)
     for key in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples"):
         module.__dict__.pop(key, None)
     module.__class__ = cls
+    _register_parameters(module, params)
+
+
+def make_deterministic_(module: PyroModule, params: dict[str, torch.Tensor]) -> None:
+    """Keep ``module`` in its class (a ``PyroModule``) but stop it sampling or
+    constraining attributes: empty its ``_pyro_samples`` and ``_pyro_params``
+    (dropping the ``<attr>_unconstrained`` parameters), then set ``params`` as
+    plain parameters. Its ``_pyro_name`` and ``_pyro_context`` stay, so it still
+    runs as a ``PyroModule``."""
+    _drop_random_attributes(module)
+    module.__dict__["_pyro_params"].clear()
+    module.__dict__["_pyro_samples"].clear()
+    _register_parameters(module, params)
+
+
+def _drop_random_attributes(module: PyroModule) -> None:
+    for attr in param_attributes(module):
+        module._parameters.pop(attr + "_unconstrained", None)
+
+
+def _register_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
     for attr, value in params.items():
         module.register_parameter(attr, torch.nn.Parameter(value.clone()))
 
@@ -124,3 +191,26 @@ def forget_compiled(loss: ELBO) -> None:
 def compiled_functions(loss: ELBO) -> list[Callable]:
     """The compiled functions a JIT ELBO holds now (empty before its first step)."""
     return [fn for attr in JIT_ELBO_CACHES if (fn := vars(loss).get(attr)) is not None]
+
+
+def jit_functions_compiling() -> list:
+    """The ``pyro.ops.jit.CompiledFunction`` objects (what JIT ELBOs compile) whose
+    compilation is under way on the current call stack (``CompiledFunction.__call__``
+    frames)."""
+    import sys
+
+    from pyro.ops.jit import CompiledFunction
+
+    code = CompiledFunction.__call__.__code__
+    found, frame = [], sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code and isinstance(frame.f_locals.get("self"), CompiledFunction):
+            found.append(frame.f_locals["self"])
+        frame = frame.f_back
+    return found
+
+
+def forget_compiled_function(function: Any) -> None:
+    """Make a ``pyro.ops.jit.CompiledFunction`` compile again at its next call
+    (``compiled``, its cache of traced graphs)."""
+    function.compiled.clear()

@@ -57,7 +57,7 @@ class Scoring:
         """Every site's ``posterior.loc_log_scale(name)``, where the reduction can
         score and prune in place (the point mass, a threshold known in advance, the
         priors' dtype, a site big enough to compile for, and every scale certainly
-        valid); else ``{}``. All sites or none, because all their scales are checked,
+        valid); else ``{}``. All sites or none, because all their locs and scales are checked,
         in one host sync, before any loc is written: bad input then takes the plain
         path, which names the site."""
         if self.reduced_scale != 0 or self.rule.fixed_threshold() is None:
@@ -79,7 +79,7 @@ class Scoring:
             storage[name] = found
         if not worth:
             return {}
-        safe = _kernels.log_scales_safe([rho for _, rho in storage.values()], self.work)
+        safe = _kernels.storage_safe(list(storage.values()), self.work)
         return storage if bool(safe) else {}
 
     def _score_in_place(self, site: GaussianSite, storage: tuple) -> "Scored | None":
@@ -150,7 +150,9 @@ class Scoring:
         the dtype's range (a rare path: syncs freely)."""
         suspect, too_wide = flag[0], flag[1]
         if suspect:
-            sigma = site.inputs[1]
+            mu, sigma = site.inputs[:2]
+            if not bool(torch.isfinite(mu).all()):
+                raise ValueError(f"guide location of site {site.name!r} has NaN or infinite values")
             if not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
                 raise ValueError(
                     f"guide scale of site {site.name!r} has NaN, inf or non-positive values"

@@ -2,10 +2,11 @@
 
 :func:`export` runs the model once with every latent site at its posterior mean
 (pruned elements at exactly zero), copies the network with those values as
-ordinary parameters and turns every ``PyroModule`` back into the ``torch.nn``
-class it was converted from. Chains of ``Linear`` layers with elementwise
-activations between them (MLPs such as LeNet-300-100) are then compressed into
-one :class:`LinearChain`:
+ordinary parameters and turns every ``PyroModule[...]`` back into the ``torch.nn``
+class it was converted from; a ``PyroModule`` subclass of the user's own keeps its
+class and ``forward`` but samples none of its attributes any more. Chains of
+``Linear`` layers with elementwise activations between them (MLPs such as
+LeNet-300-100) are then compressed into one :class:`LinearChain`:
 
 * a hidden unit whose incoming weights are all zero outputs the constant
   :math:`a = \\phi(b)`; it is removed and :math:`W_{:,i}\\,a` is added to the next
@@ -18,12 +19,14 @@ one :class:`LinearChain`:
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import transform_to
 
@@ -92,19 +95,43 @@ def export(
 
     The model is run once on ``*args, **kwargs`` with every latent site fixed at
     :func:`guide_means`, so weights computed from latent sites (a decentered
-    prior's ``scale * z``) take the values the network would use; those values
-    become plain parameters of a copy of ``module`` in which every ``PyroModule``
-    is turned back into its ``torch.nn`` class. The copy, in ``eval`` mode, computes
-    what the reduced model computes with every weight at its posterior mean.
-    With ``compress``, chains of linear layers in ``nn.Sequential`` containers are
-    replaced by :class:`LinearChain` s without their dead units.
+    prior's ``scale * z``) take the values the network would use. Those values
+    become plain parameters of a copy of ``module``, whose submodules are treated
+    by kind:
+
+    * a ``torch.nn`` class converted by ``PyroModule[...]`` (or
+      ``to_pyro_module_``) is turned back into that class;
+    * a ``PyroModule`` subclass of your own (a class with its own ``forward``,
+      such as Pyro's Bayesian-regression tutorial model) keeps its class and its
+      ``forward``; every ``PyroSample`` attribute becomes a plain ``nn.Parameter``
+      at its posterior mean and every ``PyroParam`` one at its constrained value,
+      so the module samples none of them any more. Its ``forward`` still runs any
+      Pyro statement in it: outside inference a likelihood
+      ``pyro.sample("obs", ...)`` or a noise ``pyro.sample("sigma", ...)`` draws a
+      value from its distribution at each call, while whatever the network
+      computes from its parameters (the ``mean``, the logits it returns) is
+      deterministic. Being a ``PyroModule``, it also registers its plain parameters
+      in Pyro's param store when called, as every ``PyroModule`` does; that changes
+      nothing it computes.
+
+    Latent sites of the model that are not attributes of ``module`` (a noise scale
+    ``sigma`` sampled in ``forward``, the prior's hyper-parameters) are not
+    parameters of the copy; their posterior means are in :func:`guide_means`. Where
+    ``module`` is the model, the copy is run twice on ``*args, **kwargs`` (with
+    Pyro's param store and torch's random state put back afterwards), and a warning
+    names the sites it samples if its output changes from one call to the next.
+
+    The copy, in ``eval`` mode, computes what the reduced model computes with every
+    weight at its posterior mean. With ``compress``, chains of linear layers in
+    ``nn.Sequential`` containers are replaced by :class:`LinearChain` s without
+    their dead units.
 
     :param model: the Pyro model (a ``PyroModule``, e.g. a
-        :class:`pyro_bmr.nn.BayesianClassifier`).
+        :class:`pyro_bmr.nn.BayesianClassifier`, or a function that runs one).
     :param guide: its fitted guide (an autoguide).
     :param args: example inputs for one model call, e.g. a batch ``x``.
     :param bmr: the :class:`~pyro_bmr.BayesianModelReduction` whose masks to apply.
-    :param module: the network to export, a ``PyroModule`` inside ``model`` whose
+    :param module: the network to export, a ``PyroModule`` that ``model`` runs, whose
         random parameters are ``PyroSample`` s; default ``model.net`` where the model
         has one (as :class:`pyro_bmr.nn.BayesianModule` does), else ``model``.
     :param float sparse_density: layers of a chain with at most this fraction of
@@ -113,41 +140,82 @@ def export(
         kernels; 0 never does.
     :param bool compress: compress linear chains (default); without it the copy has
         the network's exact structure.
-    :returns: a plain ``torch.nn.Module`` on the guide's device.
-    :raises TypeError: if ``module`` is not a ``PyroModule`` or contains a native
-        ``PyroModule`` subclass (one not converted from a ``torch.nn`` class).
-    :raises ValueError: if a random parameter of ``module`` is missing from the
-        model's trace.
+    :returns: a ``torch.nn.Module`` on the guide's device: a plain one, or your own
+        ``PyroModule`` class with plain parameters.
+    :raises TypeError: if ``module`` is not a ``PyroModule``, or contains a
+        :class:`pyro_bmr.nn.BayesianModule` (export the network inside it) or a
+        discrete ``PyroSample``; the message names the submodule.
+    :raises ValueError: if a ``PyroSample`` attribute of ``module`` has no site in
+        the model's trace (the model did not use it on these arguments).
     """
     if module is None:
         net = getattr(model, "net", None)
         module = net if isinstance(net, nn.Module) else model
     if not isinstance(module, PyroModule):
-        raise TypeError(f"module must be a PyroModule, got {type(module).__name__}")
+        raise TypeError(
+            f"module must be a PyroModule, got {type(module).__name__}: pass the "
+            "PyroModule the model runs whose parameters are PyroSample s (module=...)"
+        )
     if not 0.0 <= sparse_density <= 1.0:
         raise ValueError(f"sparse_density must be in [0, 1], got {sparse_density!r}")
+    _check_exportable(module)
     means = guide_means(guide, *args, bmr=bmr, **kwargs)
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(model, data=means)).get_trace(*args, **kwargs)
     plain = _plain_copy(module, trace)
     if compress:
         plain = _compress(plain, sparse_density)
-    return plain.eval()
+    plain.eval()
+    if module is model:
+        _warn_if_random(plain, args, kwargs)
+    return plain
 
 
 # -- back from PyroModule to torch.nn ------------------------------------------------
 
 
-def _plain_class(sub: PyroModule) -> type:
-    for cls in type(sub).__mro__:
-        if not issubclass(cls, PyroModule):
-            if cls is nn.Module and type(sub).forward is not nn.Module.forward:
-                break
-            return cls
-    raise TypeError(
-        f"{type(sub).__name__} is a PyroModule of its own, not one converted from a torch.nn "
-        "class; export the network inside it (module=...)"
-    )
+def _describe(path: str, sub: nn.Module) -> str:
+    if path:
+        return f"submodule {path!r} ({type(sub).__name__})"
+    return f"the exported module ({type(sub).__name__})"
+
+
+def _check_exportable(module: PyroModule) -> None:
+    from pyro_bmr.nn import BayesianModule  # pyro_bmr.nn is built on this package
+
+    for path, sub in module.named_modules():
+        if isinstance(sub, BayesianModule):
+            net = f"{path}.net" if path else "net"
+            raise TypeError(
+                f"{_describe(path, sub)} is a pyro_bmr.nn.BayesianModule, a Bayesian "
+                f"wrapper of a network: export the network inside it, its submodule "
+                f"{net!r} (module=model.net is the default for such a model)"
+            )
+
+
+def _random_value(trace, path: str, sub: PyroModule, attr: str) -> torch.Tensor:
+    where = f"{_describe(path, sub)}, PyroSample attribute {attr!r}"
+    if not _pyro_compat.has_run(sub):
+        raise ValueError(
+            f"{where}: the module did not run when the model ran on these arguments, "
+            "so it has no sample site; export a module the model runs (module=...)"
+        )
+    site = _pyro_compat.random_site_name(sub, attr)
+    node = trace.nodes.get(site)
+    if node is None or node["type"] != "sample":
+        raise ValueError(
+            f"{where}: its sample site {site!r} is not in the model's trace on these "
+            "arguments; pass arguments under which the model uses it, or export a "
+            "module without it"
+        )
+    value = node["value"].detach()
+    if not torch.is_floating_point(value):
+        raise TypeError(
+            f"{where}: site {site!r} is discrete ({value.dtype}) and cannot be a "
+            "parameter of a deterministic network; replace it by a fixed tensor "
+            "(e.g. a buffer) before exporting"
+        )
+    return value
 
 
 def _plain_copy(module: PyroModule, trace) -> nn.Module:
@@ -155,12 +223,14 @@ def _plain_copy(module: PyroModule, trace) -> nn.Module:
     for path, sub in module.named_modules():
         if isinstance(sub, PyroModule):
             for attr in _pyro_compat.random_attributes(sub):
-                site = _pyro_compat.random_site_name(sub, attr)
-                node = trace.nodes.get(site)
-                if node is None:
-                    raise ValueError(f"random parameter site {site!r} is not in the model's trace")
-                values[path, attr] = node["value"].detach()
+                values[path, attr] = _random_value(trace, path, sub, attr)
     plain = copy.deepcopy(module)
+    # PyroModule[cls] copies its instances as PyroModule[cls] (its __reduce__), which
+    # would lose a user's subclass of it and that subclass's forward: put them back
+    pairs = zip(module.modules(), plain.modules(), strict=True)
+    for sub, sub_copy in pairs:
+        if type(sub_copy) is not type(sub):
+            sub_copy.__class__ = type(sub)
     for path, sub in list(plain.named_modules()):
         if not isinstance(sub, PyroModule):
             continue
@@ -170,8 +240,51 @@ def _plain_copy(module: PyroModule, trace) -> nn.Module:
         }
         for attr in _pyro_compat.random_attributes(sub):
             params[attr] = values[path, attr]
-        _pyro_compat.to_torch_module_(sub, _plain_class(sub), params)
+        cls = _pyro_compat.converted_from(type(sub))
+        if cls is None:  # a PyroModule class of the user's own: keep it and its forward
+            _pyro_compat.make_deterministic_(sub, params)
+        else:
+            _pyro_compat.to_torch_module_(sub, cls, params)
     return plain
+
+
+def _warn_if_random(plain: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Warn if two calls of the export on the example arguments differ."""
+    devices = sorted({t.device.index or 0 for t in plain.state_dict().values() if t.is_cuda})
+    with (
+        torch.no_grad(),
+        torch.random.fork_rng(devices=devices),
+        pyro.get_param_store().scope(),
+        poutine.block(),
+    ):
+        run = poutine.trace(plain).get_trace(*args, **kwargs)
+        first, second = run.nodes["_RETURN"]["value"], plain(*args, **kwargs)
+    if _same(first, second):
+        return
+    sampled = [
+        name
+        for name, node in run.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"] and not site_is_subsample(node)
+    ]
+    warnings.warn(
+        f"the exported {type(plain).__name__} returns a different value at each call "
+        f"on these arguments: its forward samples {sampled} (outside inference, from "
+        "their distributions); return the network's output from forward, or call it "
+        "under pyro.poutine.condition to fix those sites",
+        stacklevel=3,
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(
+            torch.equal(a, b) or torch.allclose(a, b, equal_nan=True)
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return True  # not tensors: nothing to compare
 
 
 # -- compression of linear chains ----------------------------------------------------

@@ -4,11 +4,14 @@ BMR needs, for every latent site, the fitted :math:`q(w) = \\mathcal N(\\mu, \\s
 and the names of the guide's own sample sites that draw it, so that pruned
 elements can be pinned to zero there too. A :class:`MeanFieldPosterior` answers
 both for one kind of guide; :func:`mean_field_posterior` picks the right one and
-:func:`register_posterior` adds support for a custom guide.
+:func:`register_posterior` adds support for a custom guide. Pyro's
+``AutoGuideList`` and guides written by hand as functions are read by
+:mod:`pyro_bmr.guide_list_posterior` and :mod:`pyro_bmr.guide_function_posterior`.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from operator import attrgetter
 
 import torch
@@ -28,6 +31,8 @@ __all__ = [
 ]
 
 _REGISTRY: list[tuple[type, type["MeanFieldPosterior"]]] = []
+#: posteriors registered for one guide object (a guide function), by equality
+_BY_GUIDE: dict[Callable, type["MeanFieldPosterior"]] = {}
 _NOT_MEAN_FIELD = (
     autoguide.AutoDelta,
     autoguide.AutoMultivariateNormal,
@@ -82,26 +87,80 @@ class MeanFieldPosterior(ABC):
         default, ``None``, makes ``reduce`` use :meth:`loc_scale` and :meth:`assign`."""
         return None
 
+    def check_assign(self, name: str, *, scale: bool) -> None:
+        """Optional: raise, before anything changes, where :meth:`assign` of site
+        ``name`` would fail (with ``scale`` given, if ``scale``). The default passes."""
+        return None
+
 
 def register_posterior(
-    guide_type: type,
+    guide_type: type | Callable,
 ) -> Callable[[type[MeanFieldPosterior]], type[MeanFieldPosterior]]:
     """Class decorator registering a :class:`MeanFieldPosterior` for ``guide_type``
-    (and its subclasses); later registrations take precedence."""
+    (and its subclasses); later registrations take precedence.
+
+    ``guide_type`` may also be one guide object, such as a guide function: the
+    posterior is then used for that guide (and guides equal to it) alone, before any
+    registration by type.
+
+    .. code-block:: python
+
+        @register_posterior(MyGuide)  # every MyGuide
+        class MyGuidePosterior(MeanFieldPosterior): ...
+
+        register_posterior(my_guide)(MyGuidePosterior)  # this guide function only
+
+    :raises TypeError: for a ``guide_type`` that is neither a type nor a callable.
+    """
+    if not isinstance(guide_type, type) and not callable(guide_type):
+        raise TypeError(
+            f"register_posterior takes a guide type or a guide callable, got "
+            f"{type(guide_type).__name__}"
+        )
 
     def decorate(cls: type[MeanFieldPosterior]) -> type[MeanFieldPosterior]:
-        _REGISTRY.insert(0, (guide_type, cls))
+        if isinstance(guide_type, type):
+            _REGISTRY.insert(0, (guide_type, cls))
+        else:
+            _BY_GUIDE[guide_type] = cls
         return cls
 
     return decorate
 
 
+def _registered_for(guide: Callable) -> type[MeanFieldPosterior] | None:
+    try:
+        return _BY_GUIDE.get(guide)
+    except TypeError:  # an unhashable callable cannot have been registered
+        return None
+
+
 def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
     """The :class:`MeanFieldPosterior` for ``guide``.
 
-    :raises TypeError: for a guide that is not a mean-field Gaussian (``AutoDelta``,
-        full- or low-rank-covariance guides) or of a type nobody registered.
+    Looked up in this order: a posterior registered for this guide object, then by
+    type (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoGuideList``,
+    :class:`~pyro_bmr.MeanFieldGuide`, registered types); a plain callable that is
+    no ``AutoGuide`` is read as a guide written by hand
+    (:class:`~pyro_bmr.guide_function_posterior.GuideFunctionPosterior`).
+
+    :raises TypeError: for what :func:`~pyro_bmr.make_guide` returns (a tuple), for
+        something not callable, and for a guide that is not a mean-field Gaussian
+        (``AutoDelta``, full- or low-rank-covariance guides) or an ``AutoGuide`` of
+        a type nobody registered.
     """
+    if isinstance(guide, tuple):
+        if len(guide) == 2 and callable(guide[0]) and isinstance(guide[1], AbstractContextManager):
+            raise TypeError(
+                "make_guide returns (guide, training_context): pass the guide, e.g. "
+                "`guide, training = make_guide(model, 'local')`"
+            )
+        raise TypeError(f"a guide must be callable, got a tuple of {len(guide)}")
+    if not callable(guide):
+        raise TypeError(f"a guide must be callable, got {type(guide).__name__}")
+    cls = _registered_for(guide)
+    if cls is not None:
+        return cls(guide)
     if isinstance(guide, _NOT_MEAN_FIELD):
         raise TypeError(
             f"{type(guide).__name__} is not a mean-field Gaussian guide, so BMR cannot score "
@@ -110,10 +169,13 @@ def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
     for guide_type, cls in _REGISTRY:
         if isinstance(guide, guide_type):
             return cls(guide)
-    raise TypeError(
-        f"unsupported guide type {type(guide).__name__}: use AutoNormal or AutoDiagonalNormal, "
-        "or register a MeanFieldPosterior with pyro_bmr.register_posterior"
-    )
+    if isinstance(guide, autoguide.AutoGuide):
+        raise TypeError(
+            f"unsupported guide type {type(guide).__name__}: use AutoNormal or "
+            "AutoDiagonalNormal, or register a MeanFieldPosterior with "
+            "pyro_bmr.register_posterior"
+        )
+    return _guide_function.GuideFunctionPosterior(guide)
 
 
 def _parameter(module: torch.nn.Module, dotted: str) -> tuple[torch.Tensor, constraints.Constraint]:
@@ -215,3 +277,8 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
                 mask = torch.ones(shape, dtype=torch.bool, device=device)
             pieces.append(mask.expand(shape).reshape(-1))
         return {f"_{_pyro_compat.autoguide_prefix(self.guide)}_latent": torch.cat(pieces)}
+
+
+# guides written by hand, and AutoGuideList; imported last, as they build on the above
+from pyro_bmr import guide_function_posterior as _guide_function  # noqa: E402, F401, I001
+from pyro_bmr import guide_list_posterior as _guide_list  # noqa: E402, F401

@@ -1,18 +1,27 @@
 """The Bayesian model reduction handler."""
 
+import functools
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from pyro_bmr._masks import MaskError, check_mask
+from pyro_bmr import _pyro_compat
+from pyro_bmr._masks import MaskError, MaskView, check_mask
 from pyro_bmr._scoring import Scoring
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
 from pyro_bmr.poutine.prune_messenger import PruneMessenger
 from pyro_bmr.report import ReductionReport, Sparsity, sparsity
 from pyro_bmr.rules import PruningRule, ThresholdRule
-from pyro_bmr.sites import GaussianSite, find_gaussian_sites
+from pyro_bmr.sites import (
+    GaussianSite,
+    arguments_signature,
+    check_same_structure,
+    find_gaussian_sites,
+    read_priors,
+)
 
 __all__ = ["BayesianModelReduction"]
 
@@ -45,8 +54,12 @@ class BayesianModelReduction:
     :param PruningRule rule: decides which elements to prune; default
         :class:`~pyro_bmr.ThresholdRule` (prune where ΔF > 0).
     :param sites: names of the sites to reduce; ``None`` (default) reduces every
-        site that can be, and lists the others in the report. Naming a site that
-        cannot be reduced is an error.
+        global site that can be, and lists the others in the report. Naming a site
+        that cannot be reduced is an error.
+    :param bool local_latents: also reduce local latents (sites inside a subsampled
+        plate, or a plate that holds observed data), which are left alone by default:
+        pruning is a statement about the model's parameters, not about single data
+        points.
     :param float reduced_loc: mean :math:`\\tilde m` of the reduced prior.
     :param float reduced_scale: scale :math:`\\tilde s` of the reduced prior used
         for scoring; 0 (default) is the point mass.
@@ -65,6 +78,7 @@ class BayesianModelReduction:
         reduced_loc: float = 0.0,
         reduced_scale: float = 0.0,
         update_posterior: bool = False,
+        local_latents: bool = False,
         model: Callable | None = None,
     ) -> None:
         if rule is None:
@@ -85,17 +99,36 @@ class BayesianModelReduction:
         self.reduced_loc = float(reduced_loc)
         self.reduced_scale = float(reduced_scale)
         self.update_posterior = bool(update_posterior)
+        self.local_latents = bool(local_latents)
         self._model = model
         self._masks: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] | None = None  # loaded, not yet validated
         self._sites: dict[str, GaussianSite] | None = None
         self._skipped: dict[str, str] = {}
+        self._signature: tuple | None = None  # of the arguments the sites were found with
+        self._reductions = 0
         self._pruner = PruneMessenger()
+        self._jit_functions: weakref.WeakSet = weakref.WeakSet()
 
     def __call__(self, fn: Callable) -> Callable:
         """``fn`` (the model or the guide) with the masks applied."""
-        return self._pruner(fn)
+        pruned = self._pruner(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if self._pending is not None:
+                self._validate_pending(*args, **kwargs)
+            if torch.jit.is_tracing():
+                # a JIT ELBO bakes the masks into its compiled graph: it must compile
+                # again once they change
+                self._jit_functions.update(_pyro_compat.jit_functions_compiling())
+            return pruned(*args, **kwargs)
+
+        return run
 
     def __enter__(self) -> "BayesianModelReduction":
+        if self._pending is not None:
+            self._validate_pending()
         self._pruner.__enter__()
         return self
 
@@ -108,42 +141,85 @@ class BayesianModelReduction:
 
     @property
     def masks(self) -> Mapping[str, torch.Tensor]:
-        """Site name → bool tensor of the site's shape, True = kept (read-only view;
-        change masks with :meth:`set_mask` and :meth:`reset`)."""
-        return MappingProxyType(self._masks)
+        """Site name → bool tensor of the site's shape, True = kept. A read-only view
+        that hands out copies: change masks with :meth:`set_mask` and :meth:`reset`."""
+        self._require_validated("masks")
+        return MaskView(self._masks)
 
     def _refresh(self) -> None:
-        """Hand the masks to the pruner, on the model's sites and the guide's."""
+        """Hand the masks to the pruner, on the model's sites and the guide's, and make
+        any JIT ELBO that baked the old ones compile again."""
         site_masks = dict(self._masks)
         site_masks.update(self.posterior.guide_masks(self._masks))
         self._pruner.masks = site_masks
+        for compiled in list(self._jit_functions):
+            _pyro_compat.forget_compiled_function(compiled)
+        self._jit_functions = weakref.WeakSet()
+
+    def _require_validated(self, what: str) -> None:
+        if self._pending is not None:
+            raise MaskError(
+                f"{what}: the masks loaded by load_state_dict are checked against the model's "
+                "sites at their first use; call sites(*args) (or reduce, or run bmr(model)) "
+                "with the model's arguments first"
+            )
 
     def sites(self, *args, **kwargs) -> dict[str, GaussianSite]:
-        """The reducible sites, found by tracing the model with these arguments
-        the first time and cached after."""
-        if self._sites is None:
+        """The reducible sites, found by tracing the model with these arguments the
+        first time, and again when arguments of other shapes come (a model whose
+        structure changed is an error).
+
+        :raises StructureError: (a ``ValueError``) naming a site whose shape differs
+            from when the sites were found.
+        """
+        signature = arguments_signature(args, kwargs)
+        if self._sites is None or (args or kwargs) and signature != self._signature:
             self.posterior.prepare(*args, **kwargs)
-            found, skipped = find_gaussian_sites(self.model, *args, **kwargs)
-            covered = self.posterior.sites()
-            for name in list(found):
-                reason = "not in the guide" if name not in covered else covered[name]
-                if reason is not None:
-                    skipped[name] = reason
-                    del found[name]
-            if self.requested_sites is not None:
-                for name in self.requested_sites:
-                    if name not in found:
-                        why = skipped.get(name)
-                        if why is None:
-                            raise ValueError(
-                                f"unknown site {name!r}; the model's Gaussian sites are "
-                                f"{sorted(found)}"
-                            )
-                        raise ValueError(f"site {name!r} cannot be reduced: {why}")
-                skipped.update({n: "not requested" for n in found if n not in self.requested_sites})
-                found = {n: found[n] for n in self.requested_sites}
-            self._sites, self._skipped = found, skipped
+            found, skipped = self._find(*args, **kwargs)
+            if self._sites is not None:
+                check_same_structure(self._sites, found)
+            self._sites, self._skipped, self._signature = found, skipped, signature
+        if self._pending is not None:
+            self._validate_pending()
         return self._sites
+
+    def _find(self, *args, **kwargs) -> tuple[dict[str, GaussianSite], dict[str, str]]:
+        found, skipped = find_gaussian_sites(self.model, *args, **kwargs)
+        covered = self.posterior.sites()
+        for name in list(found):
+            reason = "not in the guide" if name not in covered else covered[name]
+            if reason is None and found[name].local and not self.local_latents:
+                reason = "a local latent (in a data plate); local_latents=True reduces it"
+            if reason is not None:
+                skipped[name] = reason
+                del found[name]
+        if self.requested_sites is not None:
+            for name in self.requested_sites:
+                if name not in found:
+                    why = skipped.get(name)
+                    if why is None:
+                        raise ValueError(
+                            f"unknown site {name!r}; the model's Gaussian sites are {sorted(found)}"
+                        )
+                    raise ValueError(f"site {name!r} cannot be reduced: {why}")
+            skipped.update({n: "not requested" for n in found if n not in self.requested_sites})
+            found = {n: found[n] for n in self.requested_sites}
+        return found, skipped
+
+    def _current_sites(self, *args, **kwargs) -> dict[str, GaussianSite]:
+        """:meth:`sites`, with every prior read afresh where it may have changed
+        (learned, or computed from the arguments)."""
+        cached = self._sites is not None and (
+            not (args or kwargs) or arguments_signature(args, kwargs) == self._signature
+        )
+        if cached:  # a guide written by hand is traced again: its scales may be computed
+            self.posterior.prepare(*args, **kwargs)
+        sites = self.sites(*args, **kwargs)
+        if cached and any(site.dynamic for site in sites.values()):
+            values = {name: self.posterior.loc_scale(name)[0] for name in sites}
+            values = {n: v for n, v in values.items() if not sites[n].local}
+            sites = self._sites = read_priors(self.model, sites, values, *args, **kwargs)
+        return sites
 
     def set_mask(self, name: str, mask: torch.Tensor) -> None:
         """Replace the mask of site ``name`` (True = kept).
@@ -153,6 +229,7 @@ class BayesianModelReduction:
         """
         if self._sites is None:
             raise MaskError("set_mask needs the sites: call reduce() or sites(*args) first")
+        self._require_validated("set_mask")
         check_mask(name, mask, self._site(name).shape)
         loc, _ = self.posterior.loc_scale(name)
         self._masks[name] = mask.to(loc.device).clone()
@@ -160,6 +237,8 @@ class BayesianModelReduction:
 
     def reset(self, names: Iterable[str] | None = None) -> None:
         """Forget the masks of ``names`` (default: all), un-pruning their elements."""
+        if names is None:
+            self._pending = None
         for name in list(self._masks) if names is None else names:
             self._masks.pop(name, None)
         self._refresh()
@@ -186,15 +265,24 @@ class BayesianModelReduction:
     def reduce(self, *args, **kwargs) -> ReductionReport:
         """Score every reducible site, apply the rule and update the masks.
 
-        The model is traced once (on the first call) with ``*args, **kwargs`` to find
-        its Gaussian sites; ΔF is computed for all of them on the parameters'
-        device. Elements already pruned stay pruned.
+        The model is traced with ``*args, **kwargs`` to find its Gaussian sites on the
+        first call (see :meth:`sites`), and again at every call where a prior is
+        learned or computed from the arguments, so that ΔF is scored against the
+        prior the model runs with now. ΔF is computed for all sites on the
+        parameters' device. Elements already pruned stay pruned. Bad input raises
+        before anything is changed.
 
         :returns: the :class:`~pyro_bmr.ReductionReport`.
-        :raises ValueError: naming the site, for non-finite or non-positive guide
-            scales or a reduced prior too wide for the posterior.
+        :raises ValueError: naming the site, for NaN or infinite guide locations,
+            non-finite or non-positive guide scales, a reduced prior too wide for the
+            posterior, or a model whose structure changed.
         """
-        sites = self.sites(*args, **kwargs)
+        sites = self._current_sites(*args, **kwargs)
+        if self.update_posterior:
+            for name in sites:  # before anything is written
+                self.posterior.check_assign(name, scale=True)
+        if self._reductions == 0:
+            self._warn_if_untrained(sites)
         work = sum(site.numel() for site in sites.values())
         # one host sync for every site's flags, and one more for the counts of a
         # rule whose threshold depends on ΔF (see pyro_bmr._scoring)
@@ -226,6 +314,7 @@ class BayesianModelReduction:
             self._masks[site.name] = site.keep
             report_df[site.name] = site.df.view(site.shape)
         self._refresh()
+        self._reductions += 1
         return ReductionReport(
             delta_f=report_df,
             num_pruned=pruned,
@@ -235,28 +324,90 @@ class BayesianModelReduction:
             skipped=dict(self._skipped),
         )
 
+    def _warn_if_untrained(self, sites: dict[str, GaussianSite]) -> None:
+        """Warn where every scale of every site still has one value, as a guide has
+        before it is fitted: reducing it would prune by its initialisation."""
+        scales = [self.posterior.loc_scale(name)[1] for name in sites]
+        scales = [s.reshape(-1) for s in scales if s.numel()]
+        if sum(s.numel() for s in scales) < 2:
+            return
+        ends = torch.stack([torch.stack([s.amin(), s.amax()]).to(torch.float64) for s in scales])
+        low, high = ends.aminmax()
+        if bool(low == high):
+            warnings.warn(
+                f"every guide scale of the sites {sorted(sites)} is {float(low):.4g}: the guide "
+                "looks unfitted, and reduce() would prune by its initialisation; fit it first",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def sparsity(self) -> Sparsity:
         """Fraction of elements pruned, per masked site and in total: the
         :func:`~pyro_bmr.report.sparsity` of :attr:`masks`."""
+        self._require_validated("sparsity")
         return sparsity(self._masks)
 
     def state_dict(self) -> dict[str, Any]:
         """The masks, as plain tensors (loadable with ``torch.load(weights_only=True)``)."""
-        return {"masks": {name: mask.clone() for name, mask in self._masks.items()}}
+        masks = self._masks if self._pending is None else self._pending
+        return {"masks": {name: mask.clone() for name, mask in masks.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks saved by :meth:`state_dict`.
 
-        :raises MaskError: (a ``ValueError``) if a mask is not a bool tensor; shapes
-            are checked where the sites are known, and otherwise at the site when the
-            model runs.
+        Masks are checked against the sites, all or nothing: at once where the sites
+        are known (after :meth:`sites` or :meth:`reduce`) or the guide can tell
+        them, else when the handler is first used with the model's arguments
+        (:meth:`sites`, :meth:`reduce`, or a run of ``bmr(model)`` or ``bmr(guide)``);
+        until then they are not applied.
+
+        :raises MaskError: (a ``ValueError``) naming the site, for a mask that is not
+            a bool tensor, a site the model does not have, or a shape that does not
+            fit; the handler's masks are then left as they were.
         """
         masks = state.get("masks") if isinstance(state, Mapping) else None
         if not isinstance(masks, Mapping):
             raise ValueError("state must be a dict with a 'masks' entry, as state_dict() returns")
-        loaded = {}
+        loaded = {name: check_mask(name, mask).clone() for name, mask in masks.items()}
+        shapes = self._known_shapes()
+        if shapes is None:
+            self._pending = loaded
+            return
+        self._install(loaded, shapes)
+
+    def _known_shapes(self) -> dict[str, torch.Size] | None:
+        """Site name → shape of the reducible sites, from the sites if found, else
+        from a guide that has its parameters; ``None`` if neither can tell."""
+        if self._sites is not None:
+            return {name: site.shape for name, site in self._sites.items()}
+        if not _pyro_compat.is_prepared(self.posterior.guide):
+            return None
+        return {
+            name: self.posterior.loc_scale(name)[0].shape
+            for name, reason in self.posterior.sites().items()
+            if reason is None
+        }
+
+    def _install(self, masks: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+        """Check every mask against ``shapes`` and, if all fit, make them the masks."""
         for name, mask in masks.items():
-            shape = None if self._sites is None else self._site(name).shape
-            loaded[name] = check_mask(name, mask, shape).clone()
-        self._masks = loaded
+            if name not in shapes:
+                raise MaskError(f"unknown site {name!r}; reducible sites are {sorted(shapes)}")
+            check_mask(name, mask, shapes[name])
+        device = {name: self.posterior.loc_scale(name)[0].device for name in masks}
+        self._masks = {name: mask.to(device[name]) for name, mask in masks.items()}
+        self._pending = None
         self._refresh()
+
+    def _validate_pending(self, *args, **kwargs) -> None:
+        pending = self._pending
+        self._pending = None  # all or nothing: a failed check keeps none of them
+        if self._sites is None and (args or kwargs):
+            self.sites(*args, **kwargs)
+        shapes = self._known_shapes()
+        if shapes is None:
+            raise MaskError(
+                "the masks loaded by load_state_dict cannot be checked yet: the guide has "
+                "no parameters; run the guide once, or call sites(*args), first"
+            )
+        self._install(pending, shapes)

@@ -158,7 +158,9 @@ def test_scales_near_the_dtype_limits_take_the_exact_plain_path(compiled):
     with torch.no_grad():
         guide.scale_unconstrained[0] = -100.0  # σ ≈ 3.7e-44: subnormal, but positive
     bmr = BayesianModelReduction(guide)
-    assert not bool(_kernels.log_scales_safe([guide.scale_unconstrained.detach()]))
+    assert not bool(
+        _kernels.storage_safe([(guide.loc.detach(), guide.scale_unconstrained.detach())])
+    )
     plain = _plain(bmr)
     report = bmr.reduce()
     for name, (_, df) in plain.items():

@@ -240,12 +240,15 @@ def test_kernels_and_reduce_on_cuda_match_the_plain_formula(kernels, compile_mod
         assert torch.equal(bmr.masks[name].cpu(), expected.delta_f <= 0)
 
 
-def test_reduce_names_the_site_whose_loaded_mask_does_not_fit(kernels):
+def test_a_loaded_mask_that_does_not_fit_is_refused_and_changes_nothing(kernels):
     guide = _fitted_guide()
     bmr = BayesianModelReduction(guide)
-    bmr.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
+    # the guide has its parameters, so the masks are checked at once, all or nothing
     with pytest.raises(MaskError, match="does not fit site 'w'"):
-        bmr.reduce()
+        bmr.load_state_dict({"masks": {"w": torch.ones(7, dtype=torch.bool)}})
+    assert dict(bmr.masks) == {}
+    bmr.reduce()
+    assert set(bmr.masks) == set(bmr.sites())
 
 
 def test_compiled_site_threshold_is_the_rules_own_method(kernels):

@@ -71,3 +71,64 @@ def test_forget_compiled_makes_a_jit_elbo_compile_again(elbo):
     loss.loss_and_grads(model, guide)  # compiles again (a method of the ELBO is intact)
     assert _pyro_compat.compiled_functions(loss)
     _pyro_compat.forget_compiled(Trace_ELBO())  # a plain ELBO has nothing to forget
+
+
+def test_autocallable_guide_and_param_constraint():
+    from pyro.infer.autoguide import AutoCallable, AutoGuideList
+
+    def part():
+        pyro.sample("w", dist.Normal(pyro.param("w_loc", torch.zeros(())), 1.0))
+
+    guides = AutoGuideList(_model)
+    guides.append(part)  # a plain callable is wrapped in an AutoCallable
+    assert isinstance(guides[0], AutoCallable)
+    assert _pyro_compat.autocallable_guide(guides[0]) is part
+    pyro.param("positive", torch.ones(2), constraint=constraints.positive)
+    pyro.param("real", torch.zeros(2))
+    assert _pyro_compat.param_constraint("positive") is constraints.positive
+    assert _pyro_compat.param_constraint("real") is constraints.real
+    # unlike the store's get_state, it leaves the weakref of a value handed out in place
+    value = pyro.param("real")
+    _pyro_compat.param_constraint("real")
+    assert value.unconstrained() is value
+
+
+class _Own(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = PyroModule[nn.Linear](3, 2)
+        self.scale = PyroSample(dist.Normal(0.0, 1.0))
+        self.shift = PyroParam(torch.ones(2), constraints.positive)
+
+    def forward(self, x):
+        return self.scale * self.layer(x) + self.shift
+
+
+class _OwnLinear(PyroModule[nn.Linear]):
+    pass
+
+
+def test_converted_from_tells_converted_classes_from_a_users_own():
+    assert _pyro_compat.converted_from(PyroModule[nn.Linear]) is nn.Linear
+    assert _pyro_compat.converted_from(PyroModule[nn.Sequential]) is nn.Sequential
+    assert _pyro_compat.converted_from(PyroModule) is nn.Module
+    assert _pyro_compat.converted_from(_Own) is None
+    assert _pyro_compat.converted_from(_OwnLinear) is None
+    assert _pyro_compat.converted_from(nn.Linear) is None
+
+
+def test_has_run_and_make_deterministic_keep_the_class():
+    module = _Own()
+    assert not _pyro_compat.has_run(module)
+    module(torch.ones(1, 3))
+    assert _pyro_compat.has_run(module) and _pyro_compat.has_run(module.layer)
+    assert _pyro_compat.random_attributes(module) == ("scale",)
+    _pyro_compat.make_deterministic_(module, {"scale": torch.tensor(2.0), "shift": torch.zeros(2)})
+    assert type(module) is _Own
+    assert _pyro_compat.random_attributes(module) == ()
+    assert _pyro_compat.param_attributes(module) == {}
+    assert sorted(n for n, _ in module.named_parameters(recurse=False)) == ["scale", "shift"]
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        expected = 2.0 * nn.functional.linear(x, module.layer.weight, module.layer.bias)
+        assert torch.equal(module(x), expected)  # still a PyroModule: it runs

@@ -1,0 +1,219 @@
+"""No silent wrong answer from BayesianModelReduction: each case either works
+correctly or raises an error that names the site and changes nothing."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.optim import Adam
+
+from pyro_bmr import BayesianModelReduction, MaskError, StochasticBMR, delta_f
+from pyro_bmr.sites import StructureError
+
+from .models import regression_model, subsampled_model
+
+
+def _params():
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+def _fit(model, guide, *args, steps=200, lr=0.05, bmr=None, loss=None):
+    wrap = (lambda f: f) if bmr is None else bmr
+    svi = SVI(wrap(model), wrap(guide), Adam({"lr": lr}), loss or Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return svi
+
+
+def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
+    X, y, _ = sparse_regression
+
+    def model(X, y=None):
+        s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, s).expand([X.shape[1]]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+    guide = AutoNormal(model)
+    _fit(model, guide, X, y, steps=100)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    with torch.no_grad():
+        pyro.param("prior_scale").unconstrained().fill_(torch.tensor(2.013).log())
+    loc, scale = (t.clone() for t in bmr.posterior.loc_scale("w"))
+    report = bmr.reduce(X, y)
+    expected = delta_f(loc, scale, 0.0, 2.013).delta_f
+    kept = bmr.masks["w"]
+    assert torch.allclose(report.delta_f["w"][kept], expected[kept], rtol=1e-5)
+
+
+def test_a_tempered_prior_is_scored_as_the_model_runs_it():
+    def model():
+        with poutine.scale(scale=0.01):
+            pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    guide = AutoNormal(model)
+    guide()
+    with torch.no_grad():
+        guide.locs.w.copy_(torch.tensor([0.05, 1.0, 3.0]))
+    loc, scale = (t.clone() for t in BayesianModelReduction(guide).posterior.loc_scale("w"))
+    report = BayesianModelReduction(guide).reduce()
+    expected = delta_f(loc, scale, 0.0, 10.0).delta_f  # s / √β = 1 / 0.1
+    assert torch.allclose(report.delta_f["w"], expected)
+    assert not torch.allclose(report.delta_f["w"], delta_f(loc, scale, 0.0, 1.0).delta_f)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_a_bad_guide_location_raises_and_changes_nothing(bad, guide_cls, sparse_regression):
+    X, y, _ = sparse_regression
+    guide = guide_cls(regression_model)
+    _fit(regression_model, guide, X, y, steps=50)
+    bmr = BayesianModelReduction(guide)
+    with torch.no_grad():
+        loc, _ = bmr.posterior.loc_scale("w")
+        where = torch.zeros(loc.shape, dtype=torch.bool)
+        where[7] = True
+        bmr.posterior.assign("w", where, torch.tensor(bad), None)
+    before = _params()
+    with pytest.raises(ValueError, match="guide location of site 'w' has NaN or infinite"):
+        bmr.reduce(X, y)
+    after = _params()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+    assert dict(bmr.masks) == {}
+
+
+def test_arguments_of_another_shape_are_checked_not_ignored(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=20)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    # another batch of the same structure is fine
+    bmr.reduce(X[:100], y[:100])
+    with pytest.raises(StructureError, match=r"site 'w' has shape \(60,\).*but \(50,\)"):
+        bmr.reduce(torch.randn(100, 60), y[:100])
+
+
+def test_reducing_an_unfitted_guide_warns(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    bmr = BayesianModelReduction(guide)
+    with pytest.warns(UserWarning, match="guide looks unfitted"):
+        bmr.reduce(X, y)
+    fitted = AutoNormal(regression_model, init_scale=0.05)
+    pyro.clear_param_store()
+    _fit(regression_model, fitted, X, y, steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        BayesianModelReduction(fitted).reduce(X, y)
+
+
+def test_masks_loaded_before_the_sites_are_known_are_validated_at_first_use(sparse_regression):
+    X, y, _ = sparse_regression
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[10:] = False
+
+    # AutoDiagonalNormal never called: nothing to check against until the model runs
+    guide = AutoDiagonalNormal(regression_model)
+    bmr = BayesianModelReduction(guide)
+    bmr.load_state_dict({"masks": {"w": keep, "nope": keep}})
+    with pytest.raises(MaskError, match="call sites"):
+        bmr.sparsity()
+    with pytest.raises(MaskError, match="unknown site 'nope'"):
+        bmr(guide)(X, y)
+    assert dict(bmr.masks) == {}  # all or nothing
+
+    # the first use found the sites: masks are now checked as they are loaded
+    with pytest.raises(MaskError, match=r"mask of shape \(7,\) does not fit site 'w'"):
+        bmr.load_state_dict({"masks": {"w": keep[:7]}})
+
+    fresh = BayesianModelReduction(AutoDiagonalNormal(regression_model))
+    fresh.load_state_dict({"masks": {"w": keep[:7]}})
+    with pytest.raises(MaskError, match=r"mask of shape \(7,\) does not fit site 'w'"):
+        fresh(regression_model)(X, y)
+
+    bmr.load_state_dict({"masks": {"w": keep}})
+    trace = poutine.trace(bmr(regression_model)).get_trace(X, y)
+    assert (trace.nodes["w"]["value"][10:] == 0).all()
+    assert bmr.sparsity().total == pytest.approx(0.8)
+
+    # a guide with its parameters checks at once
+    guide = AutoNormal(regression_model)
+    guide(X, y)
+    bmr = BayesianModelReduction(guide)
+    with pytest.raises(MaskError, match="unknown site 'nope'"):
+        bmr.load_state_dict({"masks": {"nope": keep}})
+    assert bmr.sparsity().total == 0
+
+
+def test_masks_hand_out_copies(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    _fit(regression_model, guide, X, y, steps=100)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    before = bmr.masks["w"]
+    view = bmr.masks["w"]
+    view[0] = ~view[0]
+    assert torch.equal(bmr.masks["w"], before)
+    with pytest.raises(TypeError):
+        bmr.masks["w"] = view
+
+
+def _pruned_gradients(svi, pruned, *args):
+    """The largest gradient ``svi``'s ELBO gives the pruned locations of ``w`` (its
+    JIT ELBO compiled for these very model and guide objects): exactly 0 for the
+    reduced model, not for one that still treats them as kept."""
+    loc = pyro.param("AutoNormal.locs.w")
+    loc.grad = None
+    svi.loss_and_grads(svi.model, svi.guide, *args)
+    grad = loc.grad[pruned].abs().max().item()
+    for p in pyro.get_param_store().values():
+        p.unconstrained().grad = None
+    return grad
+
+
+def test_a_jit_elbo_reused_after_reduce_runs_the_reduced_model(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    bmr = BayesianModelReduction(guide)
+    elbo = JitTrace_ELBO()
+    svi = SVI(bmr(regression_model), bmr(guide), Adam({"lr": 0.05}), elbo)
+    for _ in range(100):  # compiled before any reduction, with no masks
+        svi.step(X, y)
+    for _ in range(2):
+        bmr.reduce(X, y)
+        pruned = ~bmr.masks["w"]
+        assert pruned.any()
+        assert _pruned_gradients(svi, pruned, X, y) == 0
+        for _ in range(30):
+            svi.step(X, y)
+
+
+def test_stochastic_bmr_with_a_jit_elbo_runs_the_reduced_model(sparse_regression):
+    X, y, _ = sparse_regression
+    guide = AutoNormal(regression_model)
+    elbo = JitTrace_ELBO()
+    trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}), elbo)
+    for _ in range(3):
+        trainer.fit(lambda: (X, y), num_epochs=1, steps_per_epoch=60, progress=False)
+        pruned = ~trainer.bmr.masks["w"]
+        assert _pruned_gradients(trainer._svi, pruned, X, y) == 0
+    assert trainer.bmr.sparsity().total > 0.5
+
+
+def test_local_latents_are_left_alone_by_default():
+    X, y = torch.randn(300, 3), torch.randn(300)
+    guide = AutoNormal(subsampled_model)
+    _fit(subsampled_model, guide, X, y, steps=30)
+    report = BayesianModelReduction(guide).reduce(X, y)
+    assert set(report.delta_f) == {"w"}
+    assert "local latent" in report.skipped["z"]
+    report = BayesianModelReduction(guide, local_latents=True).reduce(X, y)
+    assert set(report.delta_f) == {"w", "z"}
