@@ -3,7 +3,7 @@ import math
 import mpmath
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pyro_bmr import delta_f
@@ -160,10 +160,15 @@ def _check_against_exact(dtype, mu, sigma, m, s, m_red, s_red):
     inputs = [torch.tensor([v], dtype=dtype) for v in (mu, sigma, m, s, m_red, s_red)]
     if not all(torch.isfinite(x).all() for x in inputs) or not (inputs[1] > 0 and inputs[3] > 0):
         return  # the value does not exist in this dtype
-    out = delta_f(*inputs)
+    exact, _, _ = _exact(*[x.item() for x in inputs])
+    _check_value(delta_f(*inputs), exact, inputs, dtype)
+    if s_red == 0:  # the point mass given as a number takes its own, exact path
+        _check_value(delta_f(*inputs[:5], 0.0), exact, inputs, dtype)
+
+
+def _check_value(out, exact, inputs, dtype):
     for got in out:
         assert not torch.isnan(got).any()
-    exact, _, _ = _exact(*[x.item() for x in inputs])
     value = out.delta_f.item()
     limit = float(torch.finfo(dtype).max)
     if math.isinf(value):
@@ -213,6 +218,24 @@ def test_soft_reduction_float32_never_nan_and_agrees_with_exact(mu, sigma, m, s,
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(
+    mu=_finite32,
+    sigma_over_s=st.floats(min_value=1e-3, max_value=0.99),
+    m=_finite32,
+    s=st.floats(min_value=1e-30, max_value=1e30),
+    m_red=_finite32,
+    widen=st.floats(min_value=1.0, max_value=8.0, exclude_min=True),
+)
+# (μ/s)² overflows while ΔF ≈ 8.9e36 does not: the log domain with s̃ > s
+@example(mu=3e19, sigma_over_s=0.5, m=0.0, s=1.0, m_red=0.0, widen=1.01)
+def test_reduced_prior_wider_than_the_prior_float32_agrees_with_exact(
+    mu, sigma_over_s, m, s, m_red, widen
+):
+    # s̃ > s is valid where σ² (1/s² − 1/s̃²) < 1, so σ < s suffices
+    _check_against_exact(torch.float32, mu, s * sigma_over_s, m, s, m_red, s * widen)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
     mu=st.floats(allow_nan=False, allow_infinity=False),
     sigma=st.floats(min_value=5e-324, allow_nan=False, allow_infinity=False),
     m=st.floats(allow_nan=False, allow_infinity=False),
@@ -222,13 +245,17 @@ def test_spike_float64_never_nan_and_agrees_with_exact(mu, sigma, m, s):
     _check_against_exact(torch.float64, mu, sigma, m, s, 0.0, 0.0)
 
 
-def test_float32_agrees_with_float64_on_typical_values():
+def test_float32_agrees_with_the_savage_dickey_ratio_on_typical_values():
+    # an independent oracle: ln q(0) − ln p(0) with torch.distributions, in float64
     g = torch.Generator().manual_seed(1)
     loc = torch.randn(10_000, generator=g) * 3
     scale = torch.rand(10_000, generator=g) * 2 + 1e-3
     out32 = delta_f(loc, scale, 0.0, 1.0).delta_f
-    out64 = delta_f(loc.double(), scale.double(), 0.0, 1.0).delta_f
-    assert torch.allclose(out32.double(), out64, rtol=1e-5, atol=1e-5)
+    zero = torch.zeros((), dtype=torch.float64)
+    q = torch.distributions.Normal(loc.double(), scale.double())
+    p = torch.distributions.Normal(zero, torch.ones((), dtype=torch.float64))
+    expected = q.log_prob(zero) - p.log_prob(zero)
+    assert torch.allclose(out32.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

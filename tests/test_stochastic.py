@@ -111,3 +111,18 @@ def test_jit_elbos_compile_again_after_each_reduction(elbo, sparse_regression):
     )
     trainer.fit(lambda: (X, y), num_epochs=3, steps_per_epoch=40, progress=False)
     assert len(trainer.history) == 3 and trainer.history[-1]["total_pruned_fraction"] > 0
+
+
+def test_a_dict_batch_is_passed_as_keyword_arguments(sparse_regression):
+    X, y, _ = sparse_regression
+    seen = []
+
+    def model(X, y=None):
+        seen.append((X.shape, None if y is None else y.shape))
+        regression_model(X, y)
+
+    guide = AutoNormal(model)
+    trainer = StochasticBMR(model, guide, Adam({"lr": 0.05}))
+    trainer.fit([{"X": X, "y": y}] * 5, num_epochs=2, progress=False)
+    assert set(seen) == {(X.shape, y.shape)}
+    assert trainer.bmr.masks["w"][:5].all()
