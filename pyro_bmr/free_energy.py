@@ -278,8 +278,12 @@ def _log_domain(mu, sigma, m, s, m_red, s_red) -> tuple:
     result = (log_s - log_g - 0.5 * log_kappa) - half_quad
 
     # reduced posterior: loc = (b² μ + a² (m̃ − t² m)) / κ, scale = σ b / √κ
-    t2m = torch.exp(2 * lt) * m
-    prior_part = torch.sign(m_red - t2m) * torch.exp(2 * la - log_kappa + _log_abs_diff(m_red, t2m))
+    # m̃ − t²m = t²(m̃/t² − m) where t > 1, so that t²m, which can overflow, is
+    # never formed
+    lift = 2 * torch.clamp(lt, min=0)
+    x = m_red * torch.exp(-lift)
+    y = torch.exp(2 * torch.clamp(lt, max=0)) * m
+    prior_part = torch.sign(x - y) * torch.exp(2 * la - log_kappa + lift + _log_abs_diff(x, y))
     post_loc = torch.exp(2 * lb - log_kappa) * mu + prior_part
     post_scale = torch.exp(log_sigma + lb - 0.5 * log_kappa)
     return result, post_loc, post_scale

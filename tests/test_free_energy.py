@@ -227,6 +227,8 @@ def test_soft_reduction_float32_never_nan_and_agrees_with_exact(mu, sigma, m, s,
 )
 # (μ/s)² overflows while ΔF ≈ 8.9e36 does not: the log domain with s̃ > s
 @example(mu=3e19, sigma_over_s=0.5, m=0.0, s=1.0, m_red=0.0, widen=1.01)
+# (s̃/s)² m overflows while the reduced posterior mean, -2.6e37, does not
+@example(mu=0.0, sigma_over_s=0.5, m=8.507059173023462e37, s=1.0, m_red=0.0, widen=2.0)
 def test_reduced_prior_wider_than_the_prior_float32_agrees_with_exact(
     mu, sigma_over_s, m, s, m_red, widen
 ):
