@@ -89,7 +89,7 @@ class Scoring:
         m, s = as_tensors(loc, rho, site.prior_loc, site.prior_scale)[2:]
         full = dict(dtype=loc.dtype, device=loc.device)
         m_red = torch.full((), self.reduced_loc, **full)
-        tau = torch.full((), self.rule.fixed_threshold(), **full)
+        tau = torch.full((), self._fixed_threshold(site.name), **full)
         out = Scored(site.name, site.shape, self._old_mask(site, loc.device))
         terms = spike_constants(m, s, m_red, site.shape)
         done = _kernels.spike_prune(
@@ -120,7 +120,7 @@ class Scoring:
             out.inputs = (mu, sigma, m, s, m_red, torch.zeros((), **full))
             terms = spike_constants(m, s, m_red, site.shape)
             flat = (mu.reshape(-1), sigma.reshape(-1)) + terms + (m_red,)
-            tau = self.rule.fixed_threshold()
+            tau = self._fixed_threshold(name)
             if tau is None:
                 out.df, probe = _kernels.spike_probe(*flat, self.work)
                 stats = nan
@@ -178,18 +178,54 @@ class Scoring:
         site.keep = site.pruned = site.stats = None
         site.zeroed = False
 
-    def decide(self, site: "Scored") -> None:
-        """The rule's decision and the counts for a site not decided in the ΔF pass."""
-        tau = None
-        if site.finite:
-            tau = self.rule.fixed_threshold()
-            if tau is not None:
-                tau = torch.full((), tau, dtype=site.df.dtype, device=site.df.device)
-            else:
-                old_f = None
-                if site.old is not None:
-                    old_f = float_mask(site.old, site.df.dtype).reshape(-1)
-                tau = _kernels.site_threshold(self.rule, site.df, old_f, self.work)
+    def _fixed_threshold(self, name: str) -> float | None:
+        """The rule's threshold known in advance for site ``name``: +inf (keep every
+        finite ΔF) where the rule excludes the site."""
+        tau = self.rule.fixed_threshold()
+        if tau is not None and not self.rule.prunes(name):
+            return float("inf")
+        return tau
+
+    def decide(self, scored: list["Scored"]) -> None:
+        """The rule's decisions and the counts of the sites not decided in the ΔF
+        pass; the sites of one of the rule's groups share one site threshold."""
+        groups: dict = {}
+        for site in scored:
+            groups.setdefault(self.rule.group(site.name), []).append(site)
+        for members in groups.values():
+            tau = self._group_threshold([s for s in members if s.finite])
+            for site in members:
+                self._decide_site(site, tau if site.finite else None)
+
+    def _group_threshold(self, members: list["Scored"]) -> torch.Tensor | None:
+        if not members:
+            return None
+        df = members[0].df
+        full = dict(dtype=df.dtype, device=df.device)
+        tau = self.rule.fixed_threshold()
+        if tau is not None:
+            return torch.full((), tau, **full)
+        pruning = [s for s in members if self.rule.prunes(s.name)]
+        if not pruning:
+            return None
+        old_f = None
+        if any(s.old is not None for s in pruning):
+            old_f = torch.cat(
+                [
+                    torch.ones(s.numel, **full)
+                    if s.old is None
+                    else float_mask(s.old, df.dtype).reshape(-1)
+                    for s in pruning
+                ]
+            )
+        flat = pruning[0].df if len(pruning) == 1 else torch.cat([s.df for s in pruning])
+        work = self.work if len(pruning) == 1 else max(self.work, flat.numel())
+        return _kernels.site_threshold(self.rule, flat, old_f, work)
+
+    def _decide_site(self, site: "Scored", tau: torch.Tensor | None) -> None:
+        if not self.rule.prunes(site.name):
+            if site.finite or tau is not None:
+                tau = torch.full((), float("inf"), dtype=site.df.dtype, device=site.df.device)
         if tau is not None:
             keep, pruned, site.stats = _kernels.decide(site.df, tau, site.old_bytes(), self.work)
             site.set_masks(keep, pruned)
@@ -199,7 +235,7 @@ class Scoring:
         old = site.old
         if old is None:
             old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
-        site.keep = self.rule.keep(df, old) & old
+        site.keep = (self.rule.keep(df, old) if self.rule.prunes(site.name) else old) & old
         site.pruned = ~site.keep
         drop = float_mask(old & site.pruned, df.dtype).reshape(-1)
         f64 = torch.float64

@@ -294,8 +294,7 @@ class BayesianModelReduction:
             for site, flag in zip(scored, flags):
                 scoring.check(site, flag)
         pending = [site for site in scored if site.stats is None]
-        for site in pending:
-            scoring.decide(site)
+        scoring.decide(pending)
         if pending:
             for site, stats in zip(pending, torch.stack([s.stats for s in pending]).cpu()):
                 site.stats = stats

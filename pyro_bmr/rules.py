@@ -7,6 +7,7 @@ model, the guide or the host (no ``.item()``), so a reduction stays on the devic
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
@@ -28,7 +29,41 @@ class PruningRule(ABC):
 
     Whoever overrides :meth:`keep` must keep these in agreement with it, or return
     ``None`` from them (the default), which makes the reduction call :meth:`keep`.
+
+    Two options say which sites the rule looks at together and which it leaves alone:
+
+    :param exclude: sites never pruned (they are still scored): site names, or a
+        predicate ``name -> bool``. The paper never prunes its output layer.
+    :param groups: site name → group key; the sites of one group share one
+        :meth:`site_threshold`, computed from their ΔF together (the paper's
+        spike-and-slab rule learns one sparsity per layer, its weight and bias
+        together). ``None`` (default): each site on its own.
     """
+
+    def __init__(
+        self,
+        *,
+        exclude: Iterable[str] | Callable[[str], bool] | None = None,
+        groups: Callable[[str], Hashable] | None = None,
+    ) -> None:
+        if exclude is not None and not callable(exclude):
+            exclude = frozenset(exclude)
+        if groups is not None and not callable(groups):
+            raise TypeError(f"groups must map a site name to a group key, got {groups!r}")
+        self.exclude = exclude
+        self.groups = groups
+
+    def prunes(self, site: str) -> bool:
+        """Whether the rule may prune site ``site`` at all (see ``exclude``)."""
+        exclude = getattr(self, "exclude", None)
+        if exclude is None:
+            return True
+        return not (exclude(site) if callable(exclude) else site in exclude)
+
+    def group(self, site: str) -> Hashable:
+        """The group whose sites share one :meth:`site_threshold` (see ``groups``)."""
+        groups = getattr(self, "groups", None)
+        return ("site", site) if groups is None else ("group", groups(site))
 
     @abstractmethod
     def keep(self, delta_f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,7 +97,11 @@ class PruningRule(ABC):
         return None
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not (k in ("exclude", "groups") and v is None)
+        )
         return f"{type(self).__name__}({args})"
 
 
@@ -71,9 +110,18 @@ class ThresholdRule(PruningRule):
 
     :param float threshold: :math:`\\tau`; 0 (the default) prunes wherever the reduced
         model has more evidence than the full one.
+    :param exclude: see :class:`PruningRule`.
+    :param groups: see :class:`PruningRule`.
     """
 
-    def __init__(self, threshold: float = 0.0) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.0,
+        *,
+        exclude: Iterable[str] | Callable[[str], bool] | None = None,
+        groups: Callable[[str], Hashable] | None = None,
+    ) -> None:
+        super().__init__(exclude=exclude, groups=groups)
         threshold = float(threshold)
         if threshold != threshold:
             raise ValueError("ThresholdRule: threshold must not be NaN")
@@ -103,14 +151,25 @@ class SpikeAndSlabRule(PruningRule):
 
     learns the site's sparsity, and an element is kept where
     :math:`\\Delta F \\le \\zeta`. Elements already pruned enter the sums with
-    :math:`q = 0`.
+    :math:`q = 0`. With ``groups``, the sites of a group share one :math:`\\zeta`.
 
     :param float alpha0: prior pseudo-count of kept elements.
     :param float beta0: prior pseudo-count of pruned elements.
-    :param int num_iterations: fixed-point iterations.
+    :param int num_iterations: fixed-point iterations (the authors use 4).
+    :param exclude: see :class:`PruningRule`.
+    :param groups: see :class:`PruningRule`.
     """
 
-    def __init__(self, alpha0: float = 1.0, beta0: float = 1.0, num_iterations: int = 10) -> None:
+    def __init__(
+        self,
+        alpha0: float = 1.0,
+        beta0: float = 1.0,
+        num_iterations: int = 10,
+        *,
+        exclude: Iterable[str] | Callable[[str], bool] | None = None,
+        groups: Callable[[str], Hashable] | None = None,
+    ) -> None:
+        super().__init__(exclude=exclude, groups=groups)
         for name, value in (("alpha0", alpha0), ("beta0", beta0)):
             if not value > 0:
                 raise ValueError(f"SpikeAndSlabRule: {name} must be positive, got {value}")

@@ -9,7 +9,7 @@ def test_threshold_rule_keeps_where_delta_f_is_at_most_tau():
     mask = torch.ones(6, dtype=torch.bool)
     assert ThresholdRule().keep(df, mask).tolist() == [True, True, False, False, False, True]
     assert ThresholdRule(1.0).keep(df, mask).tolist() == [True, True, True, False, False, True]
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="^ThresholdRule: threshold must not be NaN$"):
         ThresholdRule(float("nan"))
 
 
@@ -64,7 +64,38 @@ def test_spike_and_slab_rejects_bad_hyperparameters(kwargs, message):
 
 def test_rules_have_a_readable_repr():
     assert repr(ThresholdRule(0.5)) == "ThresholdRule(threshold=0.5)"
-    assert "alpha0=1.0" in repr(SpikeAndSlabRule())
+    assert repr(SpikeAndSlabRule()) == (
+        "SpikeAndSlabRule(alpha0=1.0, beta0=1.0, num_iterations=10)"
+    )
+    assert repr(ThresholdRule(exclude=["out"])) == (
+        "ThresholdRule(exclude=frozenset({'out'}), threshold=0.0)"
+    )
+
+
+def test_one_iteration_is_allowed_and_each_iteration_counts():
+    df = torch.tensor([-3.0, 0.5, 2.0, 4.0, -1.0])
+    mask = torch.ones(5, dtype=torch.bool)
+    one = SpikeAndSlabRule(num_iterations=1).log_odds(df, mask)
+    assert torch.allclose(one, _reference_log_odds(df.double(), mask.tolist(), 1.0, 1.0, 1).float())
+    ten = SpikeAndSlabRule().log_odds(df, mask)  # the default: 10 iterations of Beta(1, 1)
+    assert torch.allclose(
+        ten, _reference_log_odds(df.double(), mask.tolist(), 1.0, 1.0, 10).float()
+    )
+    assert not torch.allclose(one, ten)
+
+
+def test_an_element_at_the_threshold_is_kept():
+    df = torch.tensor([-3.0, 0.5, 2.0, 4.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(5, dtype=torch.bool)
+    rule = SpikeAndSlabRule()
+    zeta = rule.log_odds(df, mask)
+    df[1] = zeta  # ζ depends on ΔF only through the sums, which change a little
+    zeta = rule.log_odds(df, mask)
+    for _ in range(50):  # move the element onto the fixed point exactly
+        df[1] = zeta
+        zeta = rule.log_odds(df, mask)
+    assert df[1] == zeta and rule.keep(df, mask)[1]
+    assert ThresholdRule(0.5).keep(torch.tensor([0.5]), torch.ones(1, dtype=torch.bool)).item()
 
 
 class _EveryOtherRule(PruningRule):
@@ -142,3 +173,70 @@ def test_rules_declare_their_thresholds():
     )
     assert _EveryOtherRule().fixed_threshold() is None
     assert _EveryOtherRule().site_threshold(df, None) is None
+
+
+def _two_site_guide():
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0).expand([40]).to_event(1))
+        pyro.sample("b", dist.Normal(0.0, 1.0).expand([7]).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        guide.locs.a.copy_(torch.randn(40, generator=g) * torch.rand(40, generator=g))
+        guide.locs.b.copy_(torch.randn(7, generator=g) * 2)
+        pyro.param("AutoNormal.scales.a").unconstrained().copy_(torch.randn(40, generator=g) - 2)
+        pyro.param("AutoNormal.scales.b").unconstrained().copy_(torch.randn(7, generator=g) - 2)
+    return guide
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+@pytest.mark.parametrize(
+    "rule",
+    [ThresholdRule(exclude=["b"]), SpikeAndSlabRule(exclude=lambda name: name == "b")],
+    ids=repr,
+)
+def test_excluded_sites_are_scored_and_never_pruned(rule, compile_mode, kernels):
+    from pyro_bmr import BayesianModelReduction
+
+    kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
+    guide = _two_site_guide()
+    loc_b = guide.locs.b.detach().clone()
+    bmr = BayesianModelReduction(guide, rule)
+    report = bmr.reduce()
+    assert bmr.masks["b"].all() and torch.equal(guide.locs.b.detach(), loc_b)
+    assert (report.delta_f["b"] > 0).any()  # it would have been pruned
+    assert (~bmr.masks["a"]).any()
+    assert not rule.prunes("b") and rule.prunes("a")
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_sites_of_a_group_share_one_threshold(compile_mode, kernels):
+    from pyro_bmr import BayesianModelReduction
+
+    kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
+    guide = _two_site_guide()
+    rule = SpikeAndSlabRule(num_iterations=4, groups=lambda name: "layer")
+    bmr = BayesianModelReduction(guide, rule)
+    report = bmr.reduce()
+    df = torch.cat([report.delta_f["a"], report.delta_f["b"]])
+    zeta = rule.log_odds(df, torch.ones_like(df, dtype=torch.bool))
+    assert torch.equal(bmr.masks["a"], report.delta_f["a"] <= zeta)
+    assert torch.equal(bmr.masks["b"], report.delta_f["b"] <= zeta)
+    # alone, each site would learn its own sparsity and decide otherwise
+    alone = SpikeAndSlabRule(num_iterations=4)
+    separate = [
+        report.delta_f[n]
+        <= alone.log_odds(report.delta_f[n], torch.ones_like(report.delta_f[n], dtype=torch.bool))
+        for n in ("a", "b")
+    ]
+    assert not (
+        torch.equal(separate[0], bmr.masks["a"]) and torch.equal(separate[1], bmr.masks["b"])
+    )
+    assert rule.group("a") == rule.group("b") != alone.group("a")

@@ -13,6 +13,7 @@ SMALL = {
     "mlp": {"hidden": (8,)},
     "lenet5": {},
     "lenet300100": {},
+    "lenet5-caffe": {},
     "vit": {"dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8},
     "mixer": {"dim": 8, "depth": 1, "token_dim": 4, "channel_dim": 8},
 }

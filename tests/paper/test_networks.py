@@ -6,6 +6,7 @@ from pyro_bmr.paper.networks import (
     MLP,
     NETWORKS,
     LeNet5,
+    LeNet5Caffe,
     LeNet300100,
     MLPMixer,
     ViT,
@@ -18,6 +19,10 @@ from pyro_bmr.paper.networks import (
 def test_networks_map_images_to_logits(name, input_shape):
     torch.manual_seed(0)
     kwargs = {"patch_size": 4} if name in ("vit", "mixer") else {}
+    if name == "lenet5-caffe" and min(input_shape[1:]) < 16:  # unpadded 5x5 convolutions
+        with pytest.raises(ValueError, match="at least 16x16, got 12x20"):
+            build_network(name, input_shape, 7)
+        return
     net = build_network(name, input_shape, 7, **kwargs)
     assert isinstance(net, NETWORKS[name]) and not any(
         isinstance(m, nn.LazyLinear) for m in net.modules()
@@ -32,6 +37,7 @@ def test_names_map_to_the_expected_classes():
         "mlp": MLP,
         "lenet5": LeNet5,
         "lenet300100": LeNet300100,
+        "lenet5-caffe": LeNet5Caffe,
         "vit": ViT,
         "mixer": MLPMixer,
     }
@@ -49,6 +55,13 @@ def test_lenet_architectures_have_their_classic_sizes():
     linears = [m for m in lenet5 if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(400, 120), (120, 84), (84, 10)]
     assert MLP((1, 4, 4), 3, hidden=(5, 6))[1].in_features == 16
+    # the sparsity record's networks: 266,610 and 431,080 weights and biases on MNIST
+    assert sum(p.numel() for p in lenet.parameters()) == 266_610
+    caffe = LeNet5Caffe((1, 28, 28), 10)
+    assert [m.out_channels for m in caffe if isinstance(m, nn.Conv2d)] == [20, 50]
+    linears = [m for m in caffe if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(800, 500), (500, 10)]
+    assert sum(p.numel() for p in caffe.parameters()) == 431_080
 
 
 def test_sizes_are_configurable():
