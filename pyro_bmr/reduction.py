@@ -399,14 +399,18 @@ class BayesianModelReduction:
         self._refresh()
 
     def _validate_pending(self, *args, **kwargs) -> None:
-        pending = self._pending
-        self._pending = None  # all or nothing: a failed check keeps none of them
-        if self._sites is None and (args or kwargs):
-            self.sites(*args, **kwargs)
-        shapes = self._known_shapes()
-        if shapes is None:
+        pending, self._pending = self._pending, None
+        try:
+            if self._sites is None and (args or kwargs):
+                self.sites(*args, **kwargs)
+            shapes = self._known_shapes()
+        except BaseException:
+            self._pending = pending
+            raise
+        if shapes is None:  # too early to tell: the masks wait
+            self._pending = pending
             raise MaskError(
                 "the masks loaded by load_state_dict cannot be checked yet: the guide has "
                 "no parameters; run the guide once, or call sites(*args), first"
             )
-        self._install(pending, shapes)
+        self._install(pending, shapes)  # all or nothing: a mask that does not fit drops them

@@ -139,9 +139,18 @@ def test_masks_loaded_before_the_sites_are_known_are_validated_at_first_use(spar
         fresh(regression_model)(X, y)
 
     bmr.load_state_dict({"masks": {"w": keep}})
-    trace = poutine.trace(bmr(regression_model)).get_trace(X, y)
+    trace = poutine.trace(bmr(regression_model)).get_trace(X=X, y=y)  # keyword arguments
     assert (trace.nodes["w"]["value"][10:] == 0).all()
     assert bmr.sparsity().total == pytest.approx(0.8)
+
+    # used before anything can tell the sites: a clear error, and nothing applied
+    unready = BayesianModelReduction(AutoDiagonalNormal(regression_model))
+    unready.load_state_dict({"masks": {"w": keep}})
+    with pytest.raises(MaskError, match="cannot be checked yet: the guide has no parameters"):
+        with unready:
+            pass
+    with pytest.raises(MaskError, match="call sites"):
+        unready.sparsity()
 
     # a guide with its parameters checks at once
     guide = AutoNormal(regression_model)

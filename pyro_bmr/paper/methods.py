@@ -8,10 +8,15 @@
   horseshoe) and ``AutoNormal`` over every latent site;
 * ``bmr`` -- :class:`~pyro_bmr.nn.LayerScalePrior` (precision
   :math:`c^{-2} \\sim \\mathrm{Gamma}(2, 2)` per layer) and ``AutoNormal``,
-  trained by :class:`~pyro_bmr.StochasticBMR` with
-  :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.
+  trained by :class:`~pyro_bmr.StochasticBMR` and reduced between epochs by
+  :func:`bmr_rule`: the authors' spike-and-slab rule, with one sparsity per layer
+  (its weight and bias together), 4 fixed-point iterations, and the output layer
+  never pruned.
 
-No method but ``bmr`` prunes.
+No method but ``bmr`` prunes. Every epoch is train → evaluate → prune, in the
+authors' order: a record is yielded after an epoch's training, and ``bmr`` prunes
+when the next epoch starts, so every record describes a model re-fitted after its
+last pruning, and there is no pruning after the last epoch.
 
 :func:`fit_method` trains one method and yields an :class:`EpochRecord` after
 every epoch. Metrics are left to :mod:`pyro_bmr.paper.metrics`; a record gives what
@@ -49,7 +54,7 @@ from pyro_bmr.report import Sparsity
 from .networks import build_network
 from .networks.zoo import check_network_name
 
-__all__ = ["METHODS", "EpochRecord", "fit_method", "method_prior"]
+__all__ = ["METHODS", "EpochRecord", "bmr_rule", "fit_method", "method_prior"]
 
 #: Names of the methods, in the order of the paper's comparison.
 METHODS = ("flat-map", "flat-ff", "tiered-ff", "bmr")
@@ -71,6 +76,25 @@ def method_prior(method: str) -> Prior:
     if method == "bmr":
         return LayerScalePrior(concentration=2.0, rate=2.0)
     return GaussianPrior(scale=1.0)
+
+
+def _layer(site: str) -> str:
+    """The layer a parameter site belongs to: its name without the parameter."""
+    return site.rsplit(".", 1)[0] if "." in site else site
+
+
+def bmr_rule(model: BayesianClassifier) -> SpikeAndSlabRule:
+    """The spike-and-slab rule of the authors' code for ``model``: one sparsity
+    (:math:`\\zeta`) per layer, the layer's weight and bias together; 4 fixed-point
+    iterations of a :math:`\\mathrm{Beta}(1, 1)` prior; the output layer (the last
+    layer with random parameters) never pruned."""
+    sites = model.random_sites()
+    output = _layer(sites[-1]) if sites else None
+    return SpikeAndSlabRule(
+        num_iterations=4,
+        groups=_layer,
+        exclude=lambda site: _layer(site) == output,
+    )
 
 
 class _OnDevice:
@@ -105,14 +129,17 @@ class EpochRecord:
 
     :ivar str method: the method's name.
     :ivar int epoch: the epoch just finished, counting from 1.
-    :ivar float seconds: wall-clock seconds of the epoch's training (including the
-        reduction for ``bmr``; excluding anything done with the record).
+    :ivar float seconds: wall-clock seconds of the epoch's training (including, for
+        ``bmr``, the reduction that starts it; excluding anything done with the
+        record).
     :ivar float loss: mean over the epoch's steps of the minibatch ELBO loss,
         which is scaled to the data set size.
     :ivar BayesianClassifier model: the model.
     :ivar AutoGuide guide: its fitted guide.
     :ivar bmr: the :class:`~pyro_bmr.BayesianModelReduction` handler (``bmr`` only).
-    :ivar sparsity: pruned fractions after this epoch's reduction (``bmr`` only).
+    :ivar sparsity: pruned fractions of the model evaluated after this epoch, i.e.
+        after the reductions of the earlier epochs (``bmr`` only; zero after the
+        first epoch).
     :ivar int num_samples: default number of posterior samples for predictions.
     """
 
@@ -229,7 +256,8 @@ def fit_method(
     :func:`~pyro_bmr.paper.networks.build_network`, made Bayesian under
     :func:`method_prior` and fitted with Adam (fused, on CPU and CUDA) on the ELBO
     (``Trace_ELBO``); ``bmr`` trains through :class:`~pyro_bmr.StochasticBMR` with
-    :class:`~pyro_bmr.SpikeAndSlabRule`, reducing after every epoch.
+    :func:`bmr_rule`, reducing at the start of every epoch after the first (so each
+    record is of a model re-fitted after its last pruning).
 
     :param str method: one of :data:`METHODS`.
     :param str network: a network name for :func:`build_network`.
@@ -327,24 +355,23 @@ def _epochs(
         )
     optim = _adam(lr, device)
     if method == "bmr":
-        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=SpikeAndSlabRule())
+        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=bmr_rule(model))
+        step = trainer.step
     else:
-        svi = SVI(model, guide, optim, Trace_ELBO())
+        step = SVI(model, guide, optim, Trace_ELBO()).step
 
+    batch = None
     for epoch in range(1, num_epochs + 1):
         start = time.perf_counter()
         with training:
-            if method == "bmr":
-                trainer.fit(loader, num_epochs=1, progress=progress)
-                loss = trainer.history[-1]["loss"]
-            else:
-                losses = [
-                    svi.step(*batch)
-                    for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}")
-                ]
-                if not losses:
-                    raise ValueError("train_loader yielded no batch")
-                loss = sum(losses) / len(losses)
+            if method == "bmr" and batch is not None:
+                trainer.reduce(*batch)  # prune what the last epoch's record was evaluated on
+            losses = []
+            for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}"):
+                losses.append(step(*batch))
+            if not losses:
+                raise ValueError("train_loader yielded no batch")
+            loss = sum(losses) / len(losses)
         seconds = time.perf_counter() - start
         bmr = trainer.bmr if method == "bmr" else None
         yield EpochRecord(

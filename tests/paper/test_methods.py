@@ -67,15 +67,25 @@ def test_every_method_trains_every_network(method, network):
     assert latents == set(record.model.latent_sites())
     if method == "bmr":
         assert isinstance(record.bmr, BayesianModelReduction)
-        decentered = {name + "_decentered" for name in record.model.random_sites()}
-        assert set(record.bmr.masks) == decentered
-        masks = record.bmr.masks
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        assert record.sparsity.total == pytest.approx(1 - kept / total)
-        assert record.sparsity == record.bmr.sparsity()
+        # train → evaluate → prune: the first epoch's model is not pruned yet
+        assert dict(record.bmr.masks) == {} and record.sparsity.total == 0
     else:
         assert record.bmr is None and record.sparsity is None
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_bmr_prunes_between_epochs_every_layer_but_the_output(network):
+    first, record = _fit("bmr", network, num_epochs=2)
+    assert first.sparsity.total == 0  # evaluated before any pruning
+    decentered = [name + "_decentered" for name in record.model.random_sites()]
+    masks = record.bmr.masks
+    assert set(masks) == set(decentered)
+    output = decentered[-1].rsplit(".", 1)[0]
+    assert all(masks[n].all() for n in decentered if n.rsplit(".", 1)[0] == output)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert record.sparsity.total == pytest.approx(1 - kept / total)
+    assert record.sparsity == record.bmr.sparsity()
 
 
 def test_bmr_records_prune_and_weight_means_show_it():
