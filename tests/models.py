@@ -3,7 +3,18 @@
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import PyroModule, PyroSample
+from pyro.optim import Adam
+
+
+def fit(model, guide, *args, steps=300, lr=0.05, loss=None, bmr=None):
+    """SVI with Adam for ``steps`` steps (through the handler ``bmr`` if given)."""
+    wrap = (lambda f: f) if bmr is None else bmr
+    svi = SVI(wrap(model), wrap(guide), Adam({"lr": lr}), loss or Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return svi
 
 
 def regression_model(X, y=None, noise=0.5):

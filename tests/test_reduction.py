@@ -26,22 +26,14 @@ from pyro_bmr import BayesianModelReduction, MaskError, ThresholdRule, delta_f
 from pyro_bmr.distributions import PrunedNormal
 from pyro_bmr.poutine import PruneMessenger
 
-from .models import BayesianMLP, regression_model, subsampled_model
-
-
-def _fit(model, guide, *args, steps=300, lr=0.05, loss=None, bmr=None):
-    wrap = (lambda f: f) if bmr is None else bmr
-    svi = SVI(wrap(model), wrap(guide), Adam({"lr": lr}), loss or Trace_ELBO())
-    for _ in range(steps):
-        svi.step(*args)
-    return svi
+from .models import BayesianMLP, fit, regression_model, subsampled_model
 
 
 def _fitted_and_reduced(data, steps):
     """The sparse regression fitted by SVI for ``steps`` steps, then reduced once."""
     X, y, _ = data
     guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=steps)
+    fit(regression_model, guide, X, y, steps=steps)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
     return X, y, guide, bmr
@@ -50,7 +42,7 @@ def _fitted_and_reduced(data, steps):
 def test_reduce_prunes_the_null_coefficients_and_zeroes_them(sparse_regression):
     X, y, w = sparse_regression
     guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y)
+    fit(regression_model, guide, X, y)
     bmr = BayesianModelReduction(guide)
     kept_before = guide.locs.w.detach().clone()
     report = bmr.reduce(X, y)
@@ -107,7 +99,7 @@ def test_plate_with_subsampling_masks_follow_the_subsample():
     y = X @ torch.tensor([1.0, 0, 0, -2.0, 0, 0]) + 0.5 * torch.randn(N)
     guide = AutoNormal(subsampled_model)
     bmr = BayesianModelReduction(guide, local_latents=True)  # z is local to the data
-    _fit(subsampled_model, guide, X, y, steps=400)
+    fit(subsampled_model, guide, X, y, steps=400)
     report = bmr.reduce(X, y)
     assert set(bmr.masks) == {"w", "z"}
     assert bmr.masks["z"].shape == (N,)  # the full plate, not the subsample
@@ -120,14 +112,14 @@ def test_plate_with_subsampling_masks_follow_the_subsample():
     assert z.shape == (64,)
     assert torch.equal(z == 0, ~bmr.masks["z"][idx])
     # training continues on the reduced model
-    _fit(subsampled_model, guide, X, y, steps=5, bmr=bmr)
+    fit(subsampled_model, guide, X, y, steps=5, bmr=bmr)
 
 
 def test_pyro_module_mlp_with_dotted_site_names():
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
     net = BayesianMLP()
     guide = AutoNormal(net)
-    _fit(net, guide, x, y, steps=50)
+    fit(net, guide, x, y, steps=50)
     bmr = BayesianModelReduction(guide, ThresholdRule(-1.0))
     bmr.reduce(x, y)
     assert set(bmr.masks) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
@@ -182,7 +174,7 @@ def test_every_elbo_trains_the_reduced_model_without_touching_pruned_elements(
 def test_auto_diagonal_normal_is_supported(sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoDiagonalNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=300)
+    fit(regression_model, guide, X, y, steps=300)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
     keep = bmr.masks["w"]
@@ -190,7 +182,7 @@ def test_auto_diagonal_normal_is_supported(sparse_regression):
     assert (guide.loc.detach()[~keep] == 0).all()
     samples = Predictive(bmr(regression_model), guide=bmr(guide), num_samples=10)(X)
     assert (samples["w"].reshape(10, 50)[:, ~keep] == 0).all()
-    _fit(regression_model, guide, X, y, steps=3, bmr=bmr)
+    fit(regression_model, guide, X, y, steps=3, bmr=bmr)
 
 
 def test_non_gaussian_and_constrained_sites_are_listed_not_scored():
@@ -346,7 +338,7 @@ def test_state_round_trip_restores_identical_predictions(sparse_regression):
 def test_soft_reduced_prior_updates_kept_posteriors(sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=200)
+    fit(regression_model, guide, X, y, steps=200)
     loc, scale = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
     bmr = BayesianModelReduction(guide, reduced_scale=0.1, update_posterior=True)
     bmr.reduce(X, y)

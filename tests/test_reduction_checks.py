@@ -8,26 +8,18 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.optim import Adam
 
 from pyro_bmr import BayesianModelReduction, MaskError, StochasticBMR, delta_f
 from pyro_bmr.sites import StructureError
 
-from .models import regression_model, subsampled_model
+from .models import fit, regression_model, subsampled_model
 
 
 def _params():
     return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-
-
-def _fit(model, guide, *args, steps=200, lr=0.05, bmr=None, loss=None):
-    wrap = (lambda f: f) if bmr is None else bmr
-    svi = SVI(wrap(model), wrap(guide), Adam({"lr": lr}), loss or Trace_ELBO())
-    for _ in range(steps):
-        svi.step(*args)
-    return svi
 
 
 def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
@@ -40,7 +32,7 @@ def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
             pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
 
     guide = AutoNormal(model)
-    _fit(model, guide, X, y, steps=100)
+    fit(model, guide, X, y, steps=100)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
     with torch.no_grad():
@@ -73,7 +65,7 @@ def test_a_tempered_prior_is_scored_as_the_model_runs_it():
 def test_a_bad_guide_location_raises_and_changes_nothing(bad, guide_cls, sparse_regression):
     X, y, _ = sparse_regression
     guide = guide_cls(regression_model)
-    _fit(regression_model, guide, X, y, steps=50)
+    fit(regression_model, guide, X, y, steps=50)
     bmr = BayesianModelReduction(guide)
     with torch.no_grad():
         loc, _ = bmr.posterior.loc_scale("w")
@@ -91,7 +83,7 @@ def test_a_bad_guide_location_raises_and_changes_nothing(bad, guide_cls, sparse_
 def test_arguments_of_another_shape_are_checked_not_ignored(sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=20)
+    fit(regression_model, guide, X, y, steps=20)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
     # another batch of the same structure is fine
@@ -108,7 +100,7 @@ def test_reducing_an_unfitted_guide_warns(sparse_regression):
         bmr.reduce(X, y)
     fitted = AutoNormal(regression_model, init_scale=0.05)
     pyro.clear_param_store()
-    _fit(regression_model, fitted, X, y, steps=20)
+    fit(regression_model, fitted, X, y, steps=20)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         BayesianModelReduction(fitted).reduce(X, y)
@@ -164,7 +156,7 @@ def test_masks_loaded_before_the_sites_are_known_are_validated_at_first_use(spar
 def test_masks_hand_out_copies(sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
-    _fit(regression_model, guide, X, y, steps=100)
+    fit(regression_model, guide, X, y, steps=100)
     bmr = BayesianModelReduction(guide)
     bmr.reduce(X, y)
     before = bmr.masks["w"]
@@ -220,7 +212,7 @@ def test_stochastic_bmr_with_a_jit_elbo_runs_the_reduced_model(sparse_regression
 def test_local_latents_are_left_alone_by_default():
     X, y = torch.randn(300, 3), torch.randn(300)
     guide = AutoNormal(subsampled_model)
-    _fit(subsampled_model, guide, X, y, steps=30)
+    fit(subsampled_model, guide, X, y, steps=30)
     report = BayesianModelReduction(guide).reduce(X, y)
     assert set(report.delta_f) == {"w"}
     assert "local latent" in report.skipped["z"]

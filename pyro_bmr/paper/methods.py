@@ -37,7 +37,7 @@ from pyro.infer.autoguide import AutoDelta, AutoGuide
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
-from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, StochasticBMR
+from pyro_bmr import BayesianModelReduction, PruningRule, SpikeAndSlabRule, StochasticBMR
 from pyro_bmr.guides import GUIDES, make_guide
 from pyro_bmr.nn import (
     BayesianClassifier,
@@ -248,6 +248,7 @@ def fit_method(
     init_scale: float = 1e-2,
     progress: bool = False,
     guide: str = "auto",
+    rule: Callable[[BayesianClassifier], PruningRule] | None = None,
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -280,6 +281,8 @@ def fit_method(
         ``"mean-field"`` (:class:`~pyro_bmr.guides.MeanFieldGuide`) or ``"local"``
         (the same with local reparameterisation). ``flat-map`` always uses
         ``AutoDelta``.
+    :param rule: for ``bmr``, a function of the model returning the pruning rule;
+        default :func:`bmr_rule`.
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method or network, or sizes that
@@ -310,6 +313,7 @@ def fit_method(
         init_scale=init_scale,
         progress=progress,
         guide_kind=guide,
+        rule=bmr_rule if rule is None else rule,
     )
 
 
@@ -339,6 +343,7 @@ def _epochs(
     init_scale: float,
     progress: bool,
     guide_kind: str,
+    rule: Callable[[BayesianClassifier], PruningRule],
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -355,7 +360,7 @@ def _epochs(
         )
     optim = _adam(lr, device)
     if method == "bmr":
-        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=bmr_rule(model))
+        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=rule(model))
         step = trainer.step
     else:
         step = SVI(model, guide, optim, Trace_ELBO()).step
