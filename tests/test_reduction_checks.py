@@ -218,3 +218,18 @@ def test_local_latents_are_left_alone_by_default():
     assert "local latent" in report.skipped["z"]
     report = BayesianModelReduction(guide, local_latents=True).reduce(X, y)
     assert set(report.delta_f) == {"w", "z"}
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+@pytest.mark.parametrize("reduced_scale", [0.0, 0.3])
+def test_reduce_scores_the_reduced_prior_it_is_given(guide_cls, reduced_scale, sparse_regression):
+    X, y, _ = sparse_regression
+    guide = guide_cls(regression_model)
+    fit(regression_model, guide, X, y, steps=50)
+    bmr = BayesianModelReduction(guide, reduced_loc=0.5, reduced_scale=reduced_scale)
+    loc, scale = (t.clone() for t in bmr.posterior.loc_scale("w"))
+    report = bmr.reduce(X, y)
+    expected = delta_f(loc, scale, 0.0, 1.0, 0.5, reduced_scale).delta_f
+    assert torch.allclose(report.delta_f["w"], expected, rtol=1e-5, atol=1e-5)
+    centred = delta_f(loc, scale, 0.0, 1.0, 0.0, reduced_scale).delta_f
+    assert not torch.allclose(report.delta_f["w"], centred, rtol=1e-3)
