@@ -126,3 +126,36 @@ def test_a_dict_batch_is_passed_as_keyword_arguments(sparse_regression):
     trainer.fit([{"X": X, "y": y}] * 5, num_epochs=2, progress=False)
     assert set(seen) == {(X.shape, y.shape)}
     assert trainer.bmr.masks["w"][:5].all()
+
+
+def test_fit_counts_epochs_and_steps_exactly(sparse_regression):
+    X, y, _ = sparse_regression
+    calls = []
+
+    def model(X, y=None):
+        calls.append(1)
+        regression_model(X, y)
+
+    guide = AutoNormal(model)
+    rule = SpikeAndSlabRule(num_iterations=3)
+    trainer = StochasticBMR(model, guide, Adam({"lr": 0.05}), rule=rule, reduce_every=2)
+    assert trainer.bmr.rule is rule
+    batches = [(X, y)] * 7
+    guide(X, y)  # the guide's parameters exist before counting model runs
+    calls.clear()
+    # steps_per_epoch caps an iterable exactly, and fit returns the history
+    history = trainer.fit(batches, steps_per_epoch=3, progress=False)  # one epoch by default
+    assert trainer.epochs_done == 1 and history is trainer.history and history == []
+    steps_then = len(calls)
+    assert steps_then == 3  # one model run per SVI step, no reduction after epoch 1
+    assert trainer.fit(batches, num_epochs=0, progress=False) == [] and len(calls) == steps_then
+    trainer.fit(batches, num_epochs=3, steps_per_epoch=3, progress=False)
+    assert trainer.epochs_done == 4
+    assert [h["epoch"] for h in trainer.history] == [1, 3]  # continues from epoch 1
+    with pytest.raises(ValueError, match="num_epochs must be non-negative"):
+        trainer.fit(batches, num_epochs=-1)
+    # an existing handler is used as it is, masks and all
+    bmr = BayesianModelReduction(guide)
+    other = StochasticBMR(model, guide, Adam({"lr": 0.05}), bmr=bmr)
+    other.fit(batches[:2], progress=False)
+    assert other.bmr is bmr and set(bmr.masks) == {"w"}
