@@ -43,8 +43,8 @@ def depends_on_latents(
     which the latents took the values ``leaves`` drawn in ``first``)."""
     found: dict[str, str] = {}
     for name, (loc, scale) in priors.items():
-        others = [n for n in leaves if n != name]
-        hit = [n for n in others if _gradient_reaches(loc, scale, leaves[n])]
+        others = {n: leaf for n, leaf in leaves.items() if n != name}
+        hit = _gradient_parents(loc, scale, others)
         if hit:
             found[name] = ", ".join(hit)
     for name, parents in _discrete_parents(model, args, kwargs, first, priors).items():
@@ -59,15 +59,20 @@ def depends_on_latents(
     return found
 
 
-def _gradient_reaches(loc: torch.Tensor, scale: torch.Tensor, leaf: torch.Tensor) -> bool:
+def _gradient_parents(
+    loc: torch.Tensor, scale: torch.Tensor, leaves: dict[str, torch.Tensor]
+) -> list[str]:
+    """The latents in ``leaves`` with a non-zero gradient of loc or scale (one
+    backward pass per parameter for all of them)."""
+    names, tensors = list(leaves), list(leaves.values())
+    hit: set[str] = set()
     with torch.enable_grad():
         for t in (loc, scale):
-            if not t.requires_grad:
+            if not t.requires_grad or not tensors:
                 continue
-            (grad,) = torch.autograd.grad(t.sum(), [leaf], allow_unused=True, retain_graph=True)
-            if grad is not None and bool((grad != 0).any()):
-                return True
-    return False
+            grads = torch.autograd.grad(t.sum(), tensors, allow_unused=True, retain_graph=True)
+            hit |= {n for n, g in zip(names, grads) if g is not None and bool((g != 0).any())}
+    return [n for n in names if n in hit]
 
 
 def _discrete_parents(model, args, kwargs, first, priors) -> dict[str, set[str]]:

@@ -173,7 +173,7 @@ class BayesianModelReduction:
             from when the sites were found.
         """
         signature = arguments_signature(args, kwargs)
-        if self._sites is None or (args or kwargs) and signature != self._signature:
+        if self._sites is None or ((args or kwargs) and signature != self._signature):
             self.posterior.prepare(*args, **kwargs)
             found, skipped = self._find(*args, **kwargs)
             if self._sites is not None:
