@@ -254,6 +254,7 @@ def find_gaussian_sites(
     dependent = depends_on_latents(
         model, args, kwargs, first, trace, leaves, {n: priors[n][:2] for n in candidates}
     )
+    inputs = arg_leaves + _params(trace)  # what makes a prior learned or argument-driven
     sites: dict[str, GaussianSite] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -269,7 +270,7 @@ def find_gaussian_sites(
             )
             continue
         loc, scale, event_dim, shape = prior
-        dynamic = _reaches(loc, scale, arg_leaves + _params(trace))
+        dynamic = _reaches(loc, scale, inputs)
         site = trace.nodes[name]
         sites[name] = GaussianSite(
             name,
