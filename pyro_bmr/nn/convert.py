@@ -151,10 +151,13 @@ class BayesianModule(PyroModule):
         _add_anchor(self, next(iter(layers[0][1].values())))
         hyper = [_Hyper(self, name, value) for name, value in prior.setup_(self).items()]
         random = []
+        last = layers[-1][0]
         for module, chosen in layers:
             _add_anchor(module, next(iter(chosen.values())))
             random += [_Random(module, name, p.detach().clone()) for name, p in chosen.items()]
-            added = prior.apply_(module, dict(chosen), root=self, first=module is first)
+            added = prior.apply_(
+                module, dict(chosen), root=self, first=module is first, last=module is last
+            )
             missing = [
                 name for name in chosen if name not in _pyro_compat.random_attributes(module)
             ]

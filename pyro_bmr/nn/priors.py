@@ -72,6 +72,7 @@ class Prior(abc.ABC):
         *,
         root: PyroModule,
         first: bool,
+        last: bool,
     ) -> dict[str, float]:
         """Replace each parameter in ``params`` by a ``PyroSample`` on ``module``.
 
@@ -81,6 +82,8 @@ class Prior(abc.ABC):
         :param PyroModule root: the module passed to :meth:`setup_`.
         :param bool first: whether this is the network's first layer with a
             weight matrix (``weight`` of dimension two or more).
+        :param bool last: whether this is the network's last layer with random
+            parameters (its output layer).
         :returns: the attribute names of the added hyper-parameter sites mapped to
             their starting values.
         """
@@ -125,7 +128,7 @@ class GaussianPrior(Prior):
             raise ValueError(f"GaussianPrior scale must be positive, got {scale!r}")
         self.scale = float(scale)
 
-    def apply_(self, module, params, *, root, first):
+    def apply_(self, module, params, *, root, first, last):
         for name, param in params.items():
             setattr(module, name, PyroSample(_Normal(param.shape, self.scale)))
         return {}
@@ -147,13 +150,16 @@ class _Gamma:
 class _PrecisionNormal:
     """:math:`\\mathcal N(0, c^2)` with :math:`c^{-2}` read from another site."""
 
-    def __init__(self, shape: torch.Size, precision: str) -> None:
+    def __init__(self, shape: torch.Size, precision: str, factor: float = 1.0) -> None:
         self.shape = shape
         self.precision = precision
+        self.factor = factor
 
     def __call__(self, module: PyroModule) -> dist.TorchDistribution:
         zero = getattr(module, ANCHOR)
         scale = getattr(module, self.precision).rsqrt()
+        if self.factor != 1.0:
+            scale = self.factor * scale
         return dist.Normal(zero, scale).expand(self.shape).to_event(len(self.shape))
 
 
@@ -171,33 +177,43 @@ class LayerScalePrior(Prior):
     :param float concentration: :math:`\\alpha` of the Gamma prior on the precision.
     :param float rate: :math:`\\beta` of the Gamma prior on the precision.
     :param float init_precision: the precision at which guides start.
+    :param float hidden_scale: a factor on :math:`c` in every layer but the output
+        layer (the authors' code divides those by 10: ``hidden_scale=0.1``).
     """
 
     decentered = True
     site = "prior_precision"
 
     def __init__(
-        self, concentration: float = 2.0, rate: float = 2.0, init_precision: float = 1.0
+        self,
+        concentration: float = 2.0,
+        rate: float = 2.0,
+        init_precision: float = 1.0,
+        hidden_scale: float = 1.0,
     ) -> None:
         for name, value in [
             ("concentration", concentration),
             ("rate", rate),
             ("init_precision", init_precision),
+            ("hidden_scale", hidden_scale),
         ]:
             if not value > 0:
                 raise ValueError(f"LayerScalePrior {name} must be positive, got {value!r}")
         self.concentration = float(concentration)
         self.rate = float(rate)
         self.init_precision = float(init_precision)
+        self.hidden_scale = float(hidden_scale)
 
-    def apply_(self, module, params, *, root, first):
+    def apply_(self, module, params, *, root, first, last):
         _set_sample(module, self.site, _Gamma(self.concentration, self.rate))
+        factor = 1.0 if last else self.hidden_scale
         for name, param in params.items():
-            setattr(module, name, PyroSample(_PrecisionNormal(param.shape, self.site)))
+            setattr(module, name, PyroSample(_PrecisionNormal(param.shape, self.site, factor)))
         return {self.site: self.init_precision}
 
     def __repr__(self) -> str:
-        return f"LayerScalePrior(concentration={self.concentration}, rate={self.rate})"
+        extra = "" if self.hidden_scale == 1.0 else f", hidden_scale={self.hidden_scale}"
+        return f"LayerScalePrior(concentration={self.concentration}, rate={self.rate}{extra})"
 
 
 class _HalfCauchy:
@@ -303,7 +319,7 @@ class HorseshoePrior(Prior):
         _set_sample(root, self.slab_site, _InverseGamma(self.slab_concentration, self.slab_rate))
         return {self.global_site: self.global_scale, self.slab_site: self._init_slab()}
 
-    def apply_(self, module, params, *, root, first):
+    def apply_(self, module, params, *, root, first, last):
         inits = {}
         weight = params.get("weight")
         for name, param in params.items():

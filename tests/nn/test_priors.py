@@ -83,6 +83,23 @@ def test_layer_scale_prior_decentered_sites_have_standard_normal_priors():
             torch.testing.assert_close(w["value"], scale * z["value"], rtol=0, atol=0)
 
 
+def test_layer_scale_prior_scales_every_layer_but_the_output():
+    # the authors' prior: c divided by 10 on every layer but the output layer
+    pyro.set_rng_seed(0)
+    bnn = BayesianModule(_net(), LayerScalePrior(hidden_scale=0.1))
+    trace = _trace(bnn)
+    for layer, factor in (("net.0", 0.1), ("net.2", 1.0)):
+        c = trace.nodes[f"{layer}.prior_precision"]["value"].rsqrt()
+        for param in ("weight", "bias"):
+            w = trace.nodes[f"{layer}.{param}"]["value"]
+            z = trace.nodes[f"{layer}.{param}_decentered"]["value"]
+            torch.testing.assert_close(w, factor * c * z)
+    assert "hidden_scale=0.1" in repr(LayerScalePrior(hidden_scale=0.1))
+    assert repr(LayerScalePrior()) == "LayerScalePrior(concentration=2.0, rate=2.0)"
+    with pytest.raises(ValueError, match="hidden_scale must be positive"):
+        LayerScalePrior(hidden_scale=0.0)
+
+
 def test_layer_scale_prior_reparam_config_is_exposed():
     bnn = BayesianModule(_net(), LayerScalePrior())
     config = bnn.reparam_config()
