@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from pyro_bmr.guides import GUIDES
+from pyro_bmr.paper.methods import OPTIMIZERS
 
 from .data import DATASETS, DEFAULT_DATA_DIR, DatasetNotFoundError, load_dataset
 from .experiments import (
@@ -175,6 +176,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "reparameterisation (local) (default: %(default)s)",
     )
     train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="torch's fused Adam (adam) or the authors' AdaBelief (adabelief) "
+        "(default: %(default)s)",
+    )
+    train.add_argument(
         "--seed",
         type=_non_negative_int,
         default=DEFAULTS["seed"],
@@ -261,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         progress=not args.no_progress,
         guide=args.guide,
+        optimizer=args.optimizer,
     )
     config = results["config"]
     print(

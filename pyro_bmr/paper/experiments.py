@@ -192,6 +192,7 @@ def run_comparison(
     eval_every: int = DEFAULTS["eval_every"],
     progress: bool = False,
     guide: str = "auto",
+    optimizer: str = "adam",
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -229,6 +230,8 @@ def run_comparison(
     :param bool progress: show a progress bar per method (on stderr).
     :param str guide: mean-field guide of the Gaussian methods (see
         :func:`~pyro_bmr.paper.methods.fit_method`): ``"auto"``, ``"mean-field"`` or ``"local"``.
+    :param str optimizer: ``"adam"`` or ``"adabelief"`` (see
+        :func:`~pyro_bmr.paper.methods.fit_method`).
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown data set, network or method, or a
@@ -284,6 +287,7 @@ def run_comparison(
         "device": device.type,
         "eval_every": eval_every,
         "guide": guide,
+        "optimizer": optimizer,
         "train_size": len(data.train),
         "test_size": len(data.test),
         "num_classes": data.num_classes,
@@ -316,6 +320,7 @@ def run_comparison(
             device=device,
             network_kwargs=network_kwargs,
             guide=guide,
+            optimizer=optimizer,
         )
         bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
         with bar:

@@ -34,7 +34,7 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoGuide
-from pyro.optim import Adam
+from pyro.optim import Adam, PyroOptim
 from tqdm.auto import tqdm
 
 from pyro_bmr import BayesianModelReduction, PruningRule, SpikeAndSlabRule, StochasticBMR
@@ -54,10 +54,13 @@ from pyro_bmr.report import Sparsity
 from .networks import build_network
 from .networks.zoo import check_network_name
 
-__all__ = ["METHODS", "EpochRecord", "bmr_rule", "fit_method", "method_prior"]
+__all__ = ["METHODS", "OPTIMIZERS", "EpochRecord", "bmr_rule", "fit_method", "method_prior"]
 
 #: Names of the methods, in the order of the paper's comparison.
 METHODS = ("flat-map", "flat-ff", "tiered-ff", "bmr")
+
+#: The optimisers :func:`fit_method` can train with.
+OPTIMIZERS = ("adam", "adabelief")
 
 
 def _check_method(method: str) -> None:
@@ -249,6 +252,7 @@ def fit_method(
     progress: bool = False,
     guide: str = "auto",
     rule: Callable[[BayesianClassifier], PruningRule] | None = None,
+    optimizer: str = "adam",
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -283,6 +287,9 @@ def fit_method(
         ``AutoDelta``.
     :param rule: for ``bmr``, a function of the model returning the pruning rule;
         default :func:`bmr_rule`.
+    :param str optimizer: ``"adam"`` (torch's fused Adam) or ``"adabelief"`` (the
+        authors' optimiser, from ``pytorch-optimizer``, with Optax's defaults:
+        betas 0.9 and 0.999, eps 1e-16, no rectification or weight decay).
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method or network, or sizes that
@@ -292,6 +299,8 @@ def fit_method(
     check_network_name(network)
     if guide not in GUIDES:
         raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 0:
         raise ValueError(f"num_epochs must be a non-negative int, got {num_epochs!r}")
     size = _dataset_size(train_loader, dataset_size)
@@ -314,6 +323,7 @@ def fit_method(
         progress=progress,
         guide_kind=guide,
         rule=bmr_rule if rule is None else rule,
+        optimizer=optimizer,
     )
 
 
@@ -323,6 +333,13 @@ def _adam(lr: float, device: str | torch.device | None) -> Adam:
     square root is many times slower on CPU (``benchmarks/bench_handler.py``)."""
     where = torch.device(device) if device is not None else torch.get_default_device()
     return Adam({"lr": lr, "fused": True} if where.type in ("cpu", "cuda") else {"lr": lr})
+
+
+def _adabelief(lr: float) -> PyroOptim:
+    """AdaBelief (Zhuang et al. 2020), the authors' optimiser, with Optax's defaults."""
+    from pytorch_optimizer import AdaBelief
+
+    return PyroOptim(AdaBelief, {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-16})
 
 
 def _epochs(
@@ -344,6 +361,7 @@ def _epochs(
     progress: bool,
     guide_kind: str,
     rule: Callable[[BayesianClassifier], PruningRule],
+    optimizer: str,
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -358,7 +376,7 @@ def _epochs(
         guide, training = make_guide(
             model, guide_kind, init_loc_fn=model.init_loc_fn, init_scale=init_scale
         )
-    optim = _adam(lr, device)
+    optim = _adam(lr, device) if optimizer == "adam" else _adabelief(lr)
     if method == "bmr":
         trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=rule(model))
         step = trainer.step

@@ -207,3 +207,11 @@ def test_local_reparameterisation_guide_is_one_option(tmp_path):
     assert results["config"]["guide"] == "local"
     for curve in results["methods"].values():
         assert all(math.isfinite(v) for v in curve["accuracy"] + curve["nll"])
+
+
+def test_adabelief_is_one_option_and_recorded(tmp_path):
+    out = tmp_path / "adabelief"
+    assert _run(out, "--epochs", "1", "--methods", "bmr", "--optimizer", "adabelief") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["optimizer"] == "adabelief"
+    assert all(math.isfinite(v) for v in results["methods"]["bmr"]["accuracy"])

@@ -173,3 +173,25 @@ def test_every_method_learns(method):
     assert records[-1].loss < records[0].loss
     if method == "bmr":
         assert records[-1].sparsity.total > 0.1
+
+
+def test_adabelief_trains_and_unknown_optimizers_are_refused():
+    from pyro.optim import PyroOptim
+    from pytorch_optimizer import AdaBelief
+
+    from pyro_bmr.paper.methods import _adabelief
+
+    optim = _adabelief(5e-3)
+    assert isinstance(optim, PyroOptim) and optim.pt_optim_constructor is AdaBelief
+    assert optim.pt_optim_args == {"lr": 5e-3, "betas": (0.9, 0.999), "eps": 1e-16}
+    x, y = _clusters(150, seed=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
+    records = list(
+        fit_method(
+            "bmr", "mlp", loader, num_classes=3, num_epochs=4, lr=1e-2, num_samples=10,
+            network_kwargs={"hidden": (16,)}, optimizer="adabelief",
+        )
+    )  # fmt: skip
+    assert records[-1].loss < records[0].loss and records[-1].sparsity.total > 0
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of adam, adabelief"):
+        fit_method("bmr", "mlp", loader, num_classes=3, num_epochs=1, optimizer="sgd")
