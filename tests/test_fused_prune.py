@@ -166,3 +166,18 @@ def test_scales_near_the_dtype_limits_take_the_exact_plain_path(compiled):
     for name, (_, df) in plain.items():
         assert torch.allclose(report.delta_f[name], df, rtol=1e-6, atol=1e-5)
     assert _kernels._spike_prune not in _kernels._compiled
+
+
+def test_fused_pass_leaves_an_excluded_site_whole(compiled):
+    # "b" has a per-element prior mean, so the flat prior terms matter too
+    guide = _guide(seed=4)
+    loc_b = guide.loc_unconstrained.detach()[-30:].clone()
+    plain = {name: df for name, (_, df) in _plain(BayesianModelReduction(guide)).items()}
+    bmr = BayesianModelReduction(guide, ThresholdRule(exclude=["b"]))
+    report = bmr.reduce()
+    assert _kernels._spike_prune in _kernels._compiled  # the fused in-place pass ran
+    assert bmr.masks["b"].all() and torch.equal(guide.loc_unconstrained.detach()[-30:], loc_b)
+    assert (plain["b"] > 0).any()  # it would have been pruned
+    for name in ("w", "b"):
+        assert torch.allclose(report.delta_f[name], plain[name], rtol=1e-5, atol=1e-5)
+    assert torch.equal(bmr.masks["w"], plain["w"] <= 0)

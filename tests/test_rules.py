@@ -241,3 +241,49 @@ def test_sites_of_a_group_share_one_threshold(compile_mode, kernels):
         torch.equal(separate[0], bmr.masks["a"]) and torch.equal(separate[1], bmr.masks["b"])
     )
     assert rule.group("a") == rule.group("b") != alone.group("a")
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_a_group_threshold_counts_its_pruning_members_with_their_masks(compile_mode, kernels):
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_bmr import BayesianModelReduction
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0).expand([40]).to_event(1))
+        pyro.sample("b", dist.Normal(0.0, 1.0).expand([400]).to_event(1))
+        pyro.sample("c", dist.Normal(0.0, 1.0).expand([30]).to_event(1))
+
+    kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, size in (("a", 40), ("c", 30)):
+            pyro.param(f"AutoNormal.locs.{name}").copy_(torch.randn(size, generator=g) * 0.3)
+            pyro.param(f"AutoNormal.scales.{name}").unconstrained().copy_(
+                torch.randn(size, generator=g) - 2
+            )
+        # b is excluded; all of it would be kept, which would raise a shared ζ
+        pyro.param("AutoNormal.locs.b").copy_(3 + torch.rand(400, generator=g))
+        pyro.param("AutoNormal.scales.b").unconstrained().fill_(-3.0)
+    rule = SpikeAndSlabRule(num_iterations=4, groups=lambda name: "layer", exclude=["b"])
+    bmr = BayesianModelReduction(guide, rule)
+    bmr.reduce()
+    assert bmr.masks["b"].all() and (~bmr.masks["a"]).any() and (~bmr.masks["c"]).any()
+    # a second reduction after "a" was reset: the group's ζ comes from a and c (b is
+    # excluded), with c's mask and ones for a, which has none
+    mask_c = bmr.masks["c"]
+    bmr.reset(["a"])
+    report = bmr.reduce()
+    df = torch.cat([report.delta_f["a"], report.delta_f["c"]])
+    zeta = rule.site_threshold(df, torch.cat([torch.ones(40), mask_c.float()]))
+    assert torch.equal(bmr.masks["a"], report.delta_f["a"] <= zeta)
+    assert torch.equal(bmr.masks["c"], (report.delta_f["c"] <= zeta) & mask_c)
+    assert bmr.masks["b"].all()
+    # with b counted, ζ would be another, and so would the decisions on a
+    with_b = rule.site_threshold(torch.cat([df, report.delta_f["b"]]), None)
+    assert not torch.equal(report.delta_f["a"] <= with_b, bmr.masks["a"])
