@@ -218,9 +218,9 @@ class Scoring:
                     for s in pruning
                 ]
             )
+        # one site's ΔF as it is; a group's, concatenated
         flat = pruning[0].df if len(pruning) == 1 else torch.cat([s.df for s in pruning])
-        work = self.work if len(pruning) == 1 else max(self.work, flat.numel())
-        return _kernels.site_threshold(self.rule, flat, old_f, work)
+        return _kernels.site_threshold(self.rule, flat, old_f, self.work)
 
     def _decide_site(self, site: "Scored", tau: torch.Tensor | None) -> None:
         if not self.rule.prunes(site.name):
