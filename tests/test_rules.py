@@ -287,3 +287,32 @@ def test_a_group_threshold_counts_its_pruning_members_with_their_masks(compile_m
     # with b counted, ζ would be another, and so would the decisions on a
     with_b = rule.site_threshold(torch.cat([df, report.delta_f["b"]]), None)
     assert not torch.equal(report.delta_f["a"] <= with_b, bmr.masks["a"])
+
+
+class _KeepAllAfterFirstRule(PruningRule):
+    """Not a threshold: prunes the first half of the first site it is asked about,
+    then keeps everything."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.calls = 0
+
+    def keep(self, delta_f, mask):
+        self.calls += 1
+        keep = torch.ones_like(delta_f, dtype=torch.bool)
+        if self.calls == 1:
+            keep.view(-1)[: delta_f.numel() // 2] = False
+        return keep
+
+
+def test_a_rule_asked_through_keep_never_unprunes_and_respects_exclusion():
+    from pyro_bmr import BayesianModelReduction
+
+    guide = _two_site_guide()
+    rule = _KeepAllAfterFirstRule(exclude=["b"])
+    bmr = BayesianModelReduction(guide, rule)
+    bmr.reduce()
+    first = bmr.masks["a"]
+    assert (~first).sum() == 20 and bmr.masks["b"].all()
+    bmr.reduce()  # the rule now keeps everything: what was pruned stays pruned
+    assert torch.equal(bmr.masks["a"], first) and bmr.masks["b"].all()
