@@ -1,7 +1,9 @@
 """Bayesian neural networks for pyro_bmr: any ``torch.nn.Module`` made Bayesian.
 
 * :mod:`~pyro_bmr.nn.priors` -- which prior: :class:`GaussianPrior`,
-  :class:`LayerScalePrior`, :class:`HorseshoePrior`;
+  :class:`LayerScalePrior`;
+* :mod:`~pyro_bmr.nn.horseshoe` -- regularised horseshoes: :class:`HorseshoePrior`,
+  :class:`LayerHorseshoePrior`;
 * :mod:`~pyro_bmr.nn.convert` -- how a network becomes Bayesian:
   :func:`to_bayesian`, :class:`BayesianModule`;
 * :mod:`~pyro_bmr.nn.classifier` -- the likelihood (:class:`BayesianClassifier`)
@@ -14,13 +16,15 @@ never imports them.
 
 from .classifier import BayesianClassifier, posterior_means, predict_proba
 from .convert import BayesianModule, Predicate, exclude_normalization, to_bayesian
-from .priors import GaussianPrior, HorseshoePrior, LayerScalePrior, Prior
+from .horseshoe import HorseshoePrior, LayerHorseshoePrior
+from .priors import GaussianPrior, LayerScalePrior, Prior
 
 __all__ = [
     "BayesianClassifier",
     "BayesianModule",
     "GaussianPrior",
     "HorseshoePrior",
+    "LayerHorseshoePrior",
     "LayerScalePrior",
     "Predicate",
     "Prior",

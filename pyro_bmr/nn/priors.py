@@ -7,16 +7,16 @@ hyper-parameter sites does that need? The converter
 (:class:`~pyro_bmr.nn.convert.BayesianModule`) walks the network and calls the
 prior once per layer, in the style of TyXe's ``priors.py``.
 
-Three priors reproduce the comparison of Marković, Friston & Kiebel (2023):
+Two Gaussian priors live here:
 
-* :class:`GaussianPrior` -- every element :math:`w \\sim \\mathcal N(0, s^2)`
-  (the *Flat* models);
+* :class:`GaussianPrior` -- every element :math:`w \\sim \\mathcal N(0, s^2)`;
 * :class:`LayerScalePrior` -- per layer a precision
   :math:`c^{-2} \\sim \\mathrm{Gamma}(2, 2)` and :math:`w \\sim \\mathcal N(0, c^2)`,
   written non-centred as :math:`w = c\\,z`, :math:`z \\sim \\mathcal N(0, 1)` (the
-  prior that BMR reduces);
-* :class:`HorseshoePrior` -- the regularised horseshoe of Piironen & Vehtari
-  (2017), non-centred (the *Tiered* model).
+  prior that BMR reduces, and the *Flat* models of Marković, Friston & Kiebel, 2023).
+
+The hierarchical shrinkage priors (regularised horseshoes, the *Tiered* model) are
+in :mod:`pyro_bmr.nn.horseshoe`.
 
 The distributions are built lazily, at sampling time, from a zero-dimensional
 buffer ``_prior_anchor`` that the converter registers on every layer, so that
@@ -34,7 +34,7 @@ from pyro.nn import PyroModule, PyroSample
 
 from pyro_bmr import _pyro_compat
 
-__all__ = ["Prior", "GaussianPrior", "LayerScalePrior", "HorseshoePrior", "ANCHOR"]
+__all__ = ["Prior", "GaussianPrior", "LayerScalePrior", "ANCHOR"]
 
 #: Name of the zero-dimensional buffer from which priors take device and dtype.
 ANCHOR = "_prior_anchor"
@@ -214,135 +214,3 @@ class LayerScalePrior(Prior):
     def __repr__(self) -> str:
         extra = "" if self.hidden_scale == 1.0 else f", hidden_scale={self.hidden_scale}"
         return f"LayerScalePrior(concentration={self.concentration}, rate={self.rate}{extra})"
-
-
-class _HalfCauchy:
-    def __init__(self, shape: tuple[int, ...], scale: float) -> None:
-        self.shape = shape
-        self.scale = scale
-
-    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
-        zero = getattr(module, ANCHOR)
-        return dist.HalfCauchy(zero + self.scale).expand(self.shape).to_event(len(self.shape))
-
-
-class _InverseGamma:
-    def __init__(self, concentration: float, rate: float) -> None:
-        self.concentration = concentration
-        self.rate = rate
-
-    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
-        zero = getattr(module, ANCHOR)
-        return dist.InverseGamma(zero + self.concentration, zero + self.rate)
-
-
-class _HorseshoeNormal:
-    """:math:`\\mathcal N(0, \\tilde\\lambda^2)` with the regularised horseshoe scale."""
-
-    def __init__(
-        self,
-        shape: torch.Size,
-        root: PyroModule,
-        row: str,
-        row_shape: tuple[int, ...],
-        local: str | None,
-    ) -> None:
-        self.shape = shape
-        self.root = root
-        self.row = row
-        self.row_shape = row_shape
-        self.local = local
-
-    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
-        zero = getattr(module, ANCHOR)
-        tau = getattr(self.root, HorseshoePrior.global_site)
-        slab = getattr(self.root, HorseshoePrior.slab_site)
-        lam = getattr(module, self.row).reshape(self.row_shape)
-        if self.local is not None:
-            lam = lam * getattr(module, self.local)
-        tau_lam_sq = (tau * lam).square()
-        scale = (slab * tau_lam_sq / (slab + tau_lam_sq)).sqrt()
-        return dist.Normal(zero, scale).expand(self.shape).to_event(len(self.shape))
-
-
-class HorseshoePrior(Prior):
-    """Regularised horseshoe (Piironen & Vehtari, 2017), non-centred.
-
-    With a global scale :math:`\\tau \\sim \\mathcal C^+(0, \\tau_0)` (site
-    ``horseshoe_global_scale``), a slab variance
-    :math:`c^2 \\sim \\mathrm{InvGamma}(2, 6)` (site ``horseshoe_slab_variance``),
-    per layer and parameter a local scale per row (output unit or filter)
-    :math:`\\lambda_i \\sim \\mathcal C^+(0, 1)` (site ``<layer>.<param>_row_scale``;
-    a bias shares its weight's row scales) and, on the first layer with a weight
-    matrix, also a local scale per weight :math:`\\lambda_{ij} \\sim \\mathcal C^+(0, 1)`
-    (site ``<layer>.weight_local_scale``, multiplied into :math:`\\lambda`), each
-    element is
-
-    .. math::
-
-        w = \\tilde\\lambda z, \\quad z \\sim \\mathcal N(0, 1), \\quad
-        \\tilde\\lambda^2 = \\frac{c^2 \\tau^2 \\lambda^2}{c^2 + \\tau^2 \\lambda^2}.
-
-    The parameter sites are decentered (:attr:`decentered` is ``True``).
-
-    :param float global_scale: :math:`\\tau_0`, the scale of the half-Cauchy
-        prior on the global scale.
-    :param float slab_concentration: shape of the inverse-Gamma slab prior.
-    :param float slab_rate: rate of the inverse-Gamma slab prior.
-    """
-
-    decentered = True
-    global_site = "horseshoe_global_scale"
-    slab_site = "horseshoe_slab_variance"
-
-    def __init__(
-        self, global_scale: float = 1.0, slab_concentration: float = 2.0, slab_rate: float = 6.0
-    ) -> None:
-        for name, value in [
-            ("global_scale", global_scale),
-            ("slab_concentration", slab_concentration),
-            ("slab_rate", slab_rate),
-        ]:
-            if not value > 0:
-                raise ValueError(f"HorseshoePrior {name} must be positive, got {value!r}")
-        self.global_scale = float(global_scale)
-        self.slab_concentration = float(slab_concentration)
-        self.slab_rate = float(slab_rate)
-
-    def _init_slab(self) -> float:
-        # The prior mean where it exists, else the mode.
-        a, b = self.slab_concentration, self.slab_rate
-        return b / (a - 1) if a > 1 else b / (a + 1)
-
-    def setup_(self, root):
-        _set_sample(root, self.global_site, _HalfCauchy((), self.global_scale))
-        _set_sample(root, self.slab_site, _InverseGamma(self.slab_concentration, self.slab_rate))
-        return {self.global_site: self.global_scale, self.slab_site: self._init_slab()}
-
-    def apply_(self, module, params, *, root, first, last):
-        inits = {}
-        weight = params.get("weight")
-        for name, param in params.items():
-            rows, row_shape = _rows(param)
-            shares_weight_rows = name == "bias" and weight is not None and _rows(weight)[0] == rows
-            row = "weight_row_scale" if shares_weight_rows else f"{name}_row_scale"
-            if row not in inits:
-                _set_sample(module, row, _HalfCauchy(rows, 1.0))
-                inits[row] = 1.0
-            local = None
-            if first and name == "weight":
-                local = "weight_local_scale"
-                _set_sample(module, local, _HalfCauchy(tuple(param.shape), 1.0))
-                inits[local] = 1.0
-            setattr(
-                module,
-                name,
-                PyroSample(_HorseshoeNormal(param.shape, root, row, row_shape, local)),
-            )
-        return inits
-
-    def __repr__(self) -> str:
-        return (
-            f"HorseshoePrior(global_scale={self.global_scale}, "
-            f"slab_concentration={self.slab_concentration}, slab_rate={self.slab_rate})"
-        )

@@ -28,6 +28,7 @@ from .experiments import (
 )
 from .methods import METHODS
 from .networks import NETWORKS
+from .preset import PAPER_DATASETS, PAPER_NETWORKS, PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -113,6 +114,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
 
     model = run.add_argument_group("model and methods")
     model.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="quick",
+        help="settings of everything not given explicitly: quick (tuned to train in "
+        "minutes on a CPU) or paper (the authors' configuration for mlp, lenet, vit and "
+        "mixer on mnist, fashion-mnist, cifar10 and cifar100) (default: %(default)s)",
+    )
+    model.add_argument(
         "--model",
         choices=tuple(NETWORKS),
         default=DEFAULTS["model"],
@@ -124,7 +133,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="WIDTH",
-        help="hidden-layer widths of the mlp (default: 128)",
+        help="hidden-layer widths of the mlp (default: 128; paper: 500 500 500 500)",
     )
     model.add_argument(
         "--methods",
@@ -139,26 +148,28 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--epochs",
         type=_positive_int,
-        default=DEFAULTS["epochs"],
-        help="training epochs per method (default: %(default)s)",
+        default=None,
+        help=f"training epochs per method (default: {DEFAULTS['epochs']}; paper: 50)",
     )
     train.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=DEFAULTS["batch_size"],
-        help="training batch size (default: %(default)s)",
+        default=None,
+        help=f"training batch size (default: {DEFAULTS['batch_size']}; paper: 120)",
     )
     train.add_argument(
         "--lr",
         type=_positive_float,
-        default=DEFAULTS["lr"],
-        help="Adam learning rate (default: %(default)s)",
+        default=None,
+        help=f"learning rate of every method (default: {DEFAULTS['lr']}; paper: 1e-3 "
+        "flat-map, 5e-3 flat-ff and tiered-ff, 1e-2 bmr)",
     )
     train.add_argument(
         "--samples",
         type=_positive_int,
-        default=DEFAULTS["samples"],
-        help="posterior samples per test prediction (default: %(default)s)",
+        default=None,
+        help=f"posterior samples per test prediction (default: {DEFAULTS['samples']}; "
+        "paper: 100; flat-map always 1)",
     )
     train.add_argument(
         "--eval-every",
@@ -170,17 +181,32 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--guide",
         choices=GUIDES,
-        default="auto",
+        default=None,
         help="mean-field guide of the Gaussian methods: Pyro's AutoNormal (auto), "
         "pyro_bmr's MeanFieldGuide (mean-field), or the latter with local "
-        "reparameterisation (local) (default: %(default)s)",
+        "reparameterisation (local) (default: auto)",
     )
     train.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        default="adam",
+        default=None,
         help="torch's fused Adam (adam) or the authors' AdaBelief (adabelief) "
-        "(default: %(default)s)",
+        "(default: adam; paper: adabelief)",
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="bmr's steps before its first reduction (default: none; paper: 500)",
+    )
+    train.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="optimisation steps per epoch, cycling the training split (default: one "
+        "pass; paper: 500)",
     )
     train.add_argument(
         "--seed",
@@ -235,6 +261,17 @@ def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --methods: a method is repeated in {' '.join(args.methods)}")
     if args.hidden is not None and args.model != "mlp":
         parser.error(f"argument --hidden: applies to --model mlp only, not {args.model}")
+    if args.preset == "paper":
+        if args.model not in PAPER_NETWORKS:
+            parser.error(
+                f"argument --preset: paper has no network {args.model!r}; "
+                f"choose --model from {', '.join(PAPER_NETWORKS)}"
+            )
+        if args.dataset not in PAPER_DATASETS:
+            parser.error(
+                f"argument --preset: paper has no settings for {args.dataset!r}; "
+                f"choose --dataset from {', '.join(PAPER_DATASETS)}"
+            )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested, but CUDA is not available")
 
@@ -258,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
         data,
         args.model,
         args.methods,
+        preset=args.preset,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -270,6 +308,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         guide=args.guide,
         optimizer=args.optimizer,
+        steps_per_epoch=args.steps_per_epoch,
+        warmup_steps=args.warmup_steps,
     )
     config = results["config"]
     print(

@@ -32,11 +32,13 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 import pyro_bmr
+from pyro_bmr.report import sparsity
 
 from .data import DEFAULT_DATA_DIR, DatasetSplits, load_dataset, make_loaders
-from .methods import METHODS, EpochRecord, fit_method
+from .methods import METHODS, EpochRecord, _layer, fit_method, method_prior
 from .metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from .networks.zoo import check_network_name
+from .preset import PRESETS, MethodSettings, Preset, _jsonable, paper_preset
 
 __all__ = [
     "CURVES",
@@ -64,7 +66,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: The curves recorded per method, each one value per evaluated epoch.
-CURVES = ("epoch", "accuracy", "nll", "ece", "pruned_fraction", "seconds")
+CURVES = (
+    "epoch",
+    "accuracy",
+    "nll",
+    "ece",
+    "pruned_fraction",
+    "pruned_hidden",
+    "seconds",
+)
 
 #: The files :func:`write_outputs` writes.
 OUTPUT_FILES = (
@@ -80,6 +90,8 @@ OUTPUT_FILES = (
 _WEIGHT_SAMPLES = 100
 # Test examples per prediction batch.
 _EVAL_BATCH_SIZE = 1000
+# AutoNormal's starting scale under the quick preset.
+_QUICK_INIT_SCALE = 1e-2
 
 
 class Comparison(NamedTuple):
@@ -146,7 +158,18 @@ def _evaluate(
         "nll": negative_log_likelihood(probs, targets),
         "ece": expected_calibration_error(probs, targets),
         "pruned_fraction": 0.0 if record.sparsity is None else float(record.sparsity.total),
+        "pruned_hidden": _pruned_hidden(record),
     }
+
+
+def _pruned_hidden(record: EpochRecord) -> float:
+    """Pruned fraction over the non-output layers (the paper's measure)."""
+    if record.bmr is None:
+        return 0.0
+    sites = record.model.random_sites()
+    output = _layer(sites[-1]) if sites else None
+    masks = {name: m for name, m in record.bmr.masks.items() if _layer(name) != output}
+    return float(sparsity(masks).total)
 
 
 def _final_weights(record: EpochRecord, x: torch.Tensor, device: torch.device) -> dict:
@@ -178,10 +201,11 @@ def run_comparison(
     model: str = DEFAULTS["model"],
     methods: Sequence[str] = METHODS,
     *,
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    samples: int = DEFAULTS["samples"],
+    preset: str = "quick",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    samples: int | None = None,
     seed: int = DEFAULTS["seed"],
     device: str | torch.device | None = None,
     data_dir: str | Path | None = None,
@@ -191,8 +215,10 @@ def run_comparison(
     hidden: Sequence[int] | None = None,
     eval_every: int = DEFAULTS["eval_every"],
     progress: bool = False,
-    guide: str = "auto",
-    optimizer: str = "adam",
+    guide: str | None = None,
+    optimizer: str | None = None,
+    steps_per_epoch: int | None = None,
+    warmup_steps: int | None = None,
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -201,9 +227,18 @@ def run_comparison(
     :func:`~pyro_bmr.paper.data.make_loaders` with the same ``seed``. After every
     ``eval_every`` epochs, and after the last, the test split gives the accuracy,
     negative log likelihood (nats) and expected calibration error of the
-    posterior predictive with ``samples`` samples, and the pruned fraction
-    (0 for methods that do not prune); ``seconds`` is the wall-clock training
-    time of that epoch.
+    posterior predictive, and the pruned fraction over all random parameters and
+    over the non-output layers (0 for methods that do not prune); ``seconds`` is
+    the wall-clock training time of that epoch.
+
+    ``preset`` chooses every setting left as ``None``: ``"quick"`` gives
+    :data:`DEFAULTS` (Adam, the network's own initial weights, each method's prior
+    of :func:`~pyro_bmr.paper.methods.method_prior`); ``"paper"`` gives the authors'
+    configuration of :func:`~pyro_bmr.paper.preset.paper_preset` (per-method learning
+    rates, priors, ELBOs and sample counts, the networks' sizes, padding, AdaBelief,
+    500 steps per epoch, ``bmr``'s warm-up). An option given explicitly overrides
+    the preset (``lr`` for every method). ``results["config"]`` records every
+    setting used, per method where they differ.
 
     :param dataset: a name of :data:`~pyro_bmr.paper.data.DATASETS`, or splits already
         loaded by :func:`~pyro_bmr.paper.data.load_dataset` (then ``download``,
@@ -212,10 +247,11 @@ def run_comparison(
     :type dataset: str or ~pyro_bmr.paper.data.DatasetSplits
     :param str model: a network name of :data:`~pyro_bmr.paper.networks.NETWORKS`.
     :param methods: method names of :data:`~pyro_bmr.paper.methods.METHODS`, run in this order.
+    :param str preset: one of :data:`~pyro_bmr.paper.preset.PRESETS`.
     :param int epochs: training epochs per method.
     :param int batch_size: training batch size.
-    :param float lr: Adam learning rate.
-    :param int samples: posterior samples per evaluation.
+    :param float lr: learning rate of every method.
+    :param int samples: posterior samples per evaluation (``flat-map`` always uses one).
     :param int seed: random seed.
     :param device: ``"cpu"``, ``"cuda"`` or a ``torch.device``; default CUDA when
         available.
@@ -224,37 +260,44 @@ def run_comparison(
     :param bool download: download missing torchvision files.
     :param train_size: use only the first ``train_size`` training examples.
     :param test_size: use only the first ``test_size`` test examples.
-    :param hidden: hidden widths of the ``mlp`` (default that of
-        :class:`~pyro_bmr.paper.networks.MLP`).
+    :param hidden: hidden widths of the ``mlp``.
     :param int eval_every: epochs between evaluations.
     :param bool progress: show a progress bar per method (on stderr).
     :param str guide: mean-field guide of the Gaussian methods (see
         :func:`~pyro_bmr.paper.methods.fit_method`): ``"auto"``, ``"mean-field"`` or ``"local"``.
     :param str optimizer: ``"adam"`` or ``"adabelief"`` (see
         :func:`~pyro_bmr.paper.methods.fit_method`).
+    :param int steps_per_epoch: optimisation steps per epoch (default: the preset's;
+        one pass over the training split for ``quick``).
+    :param int warmup_steps: ``bmr``'s steps before its first reduction (default: the
+        preset's; none for ``quick``).
     :returns: the results and the final weight means.
     :rtype: Comparison
-    :raises ValueError: for an unknown data set, network or method, or a
-        non-positive count.
+    :raises ValueError: for an unknown preset, data set, network or method, a setting
+        the paper preset does not have, or a non-positive count.
     :raises ~pyro_bmr.paper.data.DatasetNotFoundError: if the data set's files are missing.
     """
     methods = _check_methods(methods)
     check_network_name(model)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     for name, value in [
         ("epochs", epochs),
         ("batch_size", batch_size),
         ("samples", samples),
         ("eval_every", eval_every),
+        ("steps_per_epoch", steps_per_epoch),
     ]:
-        _positive_int(name, value)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        if value is not None:
+            _positive_int(name, value)
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    network_kwargs: dict[str, Any] = {}
     if hidden is not None:
         if model != "mlp":
             raise ValueError(f"hidden widths apply to the mlp only, not to model {model!r}")
         hidden = [_positive_int("hidden width", h) for h in hidden]
-        network_kwargs["hidden"] = tuple(hidden)
+    name = dataset.name if isinstance(dataset, DatasetSplits) else str(dataset).lower()
+    paper = paper_preset(name, model) if preset == "paper" else None
     device = resolve_device(device)
 
     if isinstance(dataset, DatasetSplits):
@@ -273,21 +316,48 @@ def run_comparison(
             test_size=test_size,
             device=device,
         )
+    if paper is not None and paper.pad:
+        data = _padded(data, paper.pad)
+    epochs = epochs or (paper.epochs if paper else DEFAULTS["epochs"])
+    batch_size = batch_size or (paper.batch_size if paper else DEFAULTS["batch_size"])
+    guide = guide or (paper.guide if paper else "auto")
+    optimizer = optimizer or (paper.optimizer if paper else "adam")
+    steps_per_epoch = steps_per_epoch or (paper.steps_per_epoch if paper else None)
+    network_kwargs: dict[str, Any] = dict(paper.network_kwargs) if paper else {}
+    if hidden is not None:
+        network_kwargs["hidden"] = tuple(hidden)
+    if warmup_steps is not None and (
+        isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+    ):
+        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    settings = {
+        m: _method_settings(m, paper, lr, samples, warmup_steps, network_kwargs) for m in methods
+    }
     config = {
+        "preset": preset,
         "dataset": data.name,
         "data_dir": None if data.name == "digits" else str(data_dir or DEFAULT_DATA_DIR),
         "model": model,
         "hidden": None if hidden is None else list(hidden),
+        "network_kwargs": _jsonable(network_kwargs),
         "methods": methods,
         "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
         "batch_size": batch_size,
-        "lr": float(lr),
-        "samples": samples,
+        # None where the preset sets them per method (see method_settings)
+        "lr": float(lr) if lr is not None else None if paper else DEFAULTS["lr"],
+        "samples": samples if samples is not None else None if paper else DEFAULTS["samples"],
         "seed": seed,
         "device": device.type,
         "eval_every": eval_every,
         "guide": guide,
         "optimizer": optimizer,
+        "init_radius": paper.init_radius if paper else None,
+        "init_scale": paper.init_scale if paper else _QUICK_INIT_SCALE,
+        "pad": paper.pad if paper else 0,
+        "rule": paper.rule if paper else "bmr_rule",
+        "ece_bins": 20,
+        "method_settings": {m: s.to_dict() for m, s in settings.items()},
         "train_size": len(data.train),
         "test_size": len(data.test),
         "num_classes": data.num_classes,
@@ -303,6 +373,7 @@ def run_comparison(
     weights: dict[str, dict[str, torch.Tensor]] = {}
     one_input = data.train.tensors[0][:1]
     for method in methods:
+        setting = settings[method]
         # A fresh loader per method: every method sees the same batches.
         train_loader, test_loader = make_loaders(
             data, batch_size, test_batch_size=_EVAL_BATCH_SIZE, seed=seed
@@ -314,19 +385,25 @@ def run_comparison(
             train_loader,
             num_classes=data.num_classes,
             num_epochs=epochs,
-            lr=lr,
-            num_samples=samples,
+            lr=setting.lr,
+            num_samples=setting.samples,
             seed=seed,
             device=device,
-            network_kwargs=network_kwargs,
+            network_kwargs=setting.network_kwargs,
             guide=guide,
             optimizer=optimizer,
+            prior=setting.prior,
+            init_radius=paper.init_radius if paper else None,
+            init_scale=paper.init_scale if paper else _QUICK_INIT_SCALE,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=setting.warmup_steps,
+            elbo=setting.elbo,
         )
         bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
         with bar:
             for record in records:
                 if record.epoch % eval_every == 0 or record.epoch == epochs:
-                    scores = _evaluate(record, test_loader, samples, device)
+                    scores = _evaluate(record, test_loader, setting.samples, device)
                     for key, value in [
                         ("epoch", record.epoch),
                         *scores.items(),
@@ -343,6 +420,45 @@ def run_comparison(
                 bar.update()
         curves[method] = curve
     return Comparison({"config": config, "methods": curves}, weights)
+
+
+def _method_settings(
+    method: str,
+    paper: Preset | None,
+    lr: float | None,
+    samples: int | None,
+    warmup_steps: int | None,
+    network_kwargs: dict[str, Any],
+) -> MethodSettings:
+    """One method's settings: the preset's, with the explicit options over them."""
+    if paper is None:
+        base = MethodSettings(DEFAULTS["lr"], method_prior(method), samples=DEFAULTS["samples"])
+    else:
+        base = paper.methods[method]
+    return dataclasses.replace(
+        base,
+        lr=base.lr if lr is None else float(lr),
+        # a point-mass guide predicts the same with any number of samples
+        samples=1 if method == "flat-map" else base.samples if samples is None else samples,
+        warmup_steps=base.warmup_steps if warmup_steps is None or method != "bmr" else warmup_steps,
+        network_kwargs={**network_kwargs, **base.network_kwargs},
+    )
+
+
+def _padded(data: DatasetSplits, pad: int) -> DatasetSplits:
+    """``data`` with ``pad`` zeros around every image, unless it already has the size."""
+    height = data.input_shape[-1]
+    if height >= 32:
+        return data
+
+    def grow(split: TensorDataset) -> TensorDataset:
+        x, *rest = split.tensors
+        return TensorDataset(torch.nn.functional.pad(x, (pad,) * 4), *rest)
+
+    shape = (*data.input_shape[:-2], *(n + 2 * pad for n in data.input_shape[-2:]))
+    return dataclasses.replace(
+        data, train=grow(data.train), test=grow(data.test), input_shape=shape
+    )
 
 
 def _first_layer_image(
@@ -407,10 +523,11 @@ def write_outputs(
 def format_table(results: Mapping[str, Any]) -> str:
     """The last evaluation of every method as a plain-text table.
 
-    Columns: method, test accuracy, NLL (nats), ECE, pruned fraction and mean
-    training seconds per epoch.
+    Columns: method, test accuracy, NLL (nats), ECE, pruned fraction over all random
+    parameters and over the non-output layers (``hidden``, the paper's measure), and
+    mean training seconds per epoch.
     """
-    header = ("method", "accuracy", "NLL", "ECE", "pruned", "s/epoch")
+    header = ("method", "accuracy", "NLL", "ECE", "pruned", "hidden", "s/epoch")
     rows = [header]
     for method, curve in results["methods"].items():
         seconds = curve["seconds"]
@@ -421,6 +538,7 @@ def format_table(results: Mapping[str, Any]) -> str:
                 f"{curve['nll'][-1]:.4f}",
                 f"{curve['ece'][-1]:.4f}",
                 f"{curve['pruned_fraction'][-1]:.4f}",
+                f"{curve['pruned_hidden'][-1]:.4f}",
                 f"{sum(seconds) / len(seconds):.2f}",
             )
         )

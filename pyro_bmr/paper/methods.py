@@ -24,20 +24,21 @@ they need through :meth:`EpochRecord.predict_proba` and
 :meth:`EpochRecord.predict_loader`.
 """
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoGuide
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoDelta
+from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.optim import Adam, PyroOptim
 from tqdm.auto import tqdm
 
-from pyro_bmr import BayesianModelReduction, PruningRule, SpikeAndSlabRule, StochasticBMR
+from pyro_bmr import PruningRule, SpikeAndSlabRule, StochasticBMR
 from pyro_bmr.guides import GUIDES, make_guide
 from pyro_bmr.nn import (
     BayesianClassifier,
@@ -46,21 +47,30 @@ from pyro_bmr.nn import (
     LayerScalePrior,
     Predicate,
     Prior,
-    posterior_means,
-    predict_proba,
 )
-from pyro_bmr.report import Sparsity
 
 from .networks import build_network
 from .networks.zoo import check_network_name
+from .records import EpochRecord, _as_tuple, _OnDevice
 
-__all__ = ["METHODS", "OPTIMIZERS", "EpochRecord", "bmr_rule", "fit_method", "method_prior"]
+__all__ = [
+    "ELBOS",
+    "METHODS",
+    "OPTIMIZERS",
+    "EpochRecord",
+    "bmr_rule",
+    "fit_method",
+    "method_prior",
+]
 
 #: Names of the methods, in the order of the paper's comparison.
 METHODS = ("flat-map", "flat-ff", "tiered-ff", "bmr")
 
 #: The optimisers :func:`fit_method` can train with.
 OPTIMIZERS = ("adam", "adabelief")
+
+#: The ELBOs :func:`fit_method` can train on: ``Trace_ELBO`` and ``TraceMeanField_ELBO``.
+ELBOS = ("trace", "mean-field")
 
 
 def _check_method(method: str) -> None:
@@ -98,119 +108,6 @@ def bmr_rule(model: BayesianClassifier) -> SpikeAndSlabRule:
         groups=_layer,
         exclude=lambda site: _layer(site) == output,
     )
-
-
-class _OnDevice:
-    """A re-iterable view of a loader whose tensors are moved to ``device``."""
-
-    def __init__(self, loader: Iterable, device: torch.device | None) -> None:
-        self.loader = loader
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple]:
-        for batch in self.loader:
-            yield tuple(
-                t.to(self.device) if self.device is not None else t for t in _as_tuple(batch)
-            )
-
-
-def _as_tuple(batch: Any) -> tuple:
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-@dataclass
-class EpochRecord:
-    """The state of one method after one epoch of training.
-
-    ``model`` and ``guide`` are the live objects being trained and the guide's
-    parameters live in Pyro's global param store: read a record (predict, take
-    weight means) before the generator of :func:`fit_method` advances or another
-    method starts.
-
-    :ivar str method: the method's name.
-    :ivar int epoch: the epoch just finished, counting from 1.
-    :ivar float seconds: wall-clock seconds of the epoch's training (including, for
-        ``bmr``, the reduction that starts it; excluding anything done with the
-        record).
-    :ivar float loss: mean over the epoch's steps of the minibatch ELBO loss,
-        which is scaled to the data set size.
-    :ivar BayesianClassifier model: the model.
-    :ivar AutoGuide guide: its fitted guide.
-    :ivar bmr: the :class:`~pyro_bmr.BayesianModelReduction` handler (``bmr`` only).
-    :ivar sparsity: pruned fractions of the model evaluated after this epoch, i.e.
-        after the reductions of the earlier epochs (``bmr`` only; zero after the
-        first epoch).
-    :ivar int num_samples: default number of posterior samples for predictions.
-    """
-
-    method: str
-    epoch: int
-    seconds: float
-    loss: float
-    model: BayesianClassifier
-    guide: AutoGuide
-    bmr: BayesianModelReduction | None = None
-    sparsity: Sparsity | None = None
-    num_samples: int = 100
-
-    def reduced(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        """The model and guide to predict with: ``bmr(model), bmr(guide)`` for ``bmr``."""
-        if self.bmr is None:
-            return self.model, self.guide
-        return self.bmr(self.model), self.bmr(self.guide)
-
-    def _device(self) -> torch.device:
-        return next(iter(self.model.buffers())).device
-
-    def _samples(self, num_samples: int | None) -> int:
-        # A point-mass guide gives the same prediction every time.
-        if isinstance(self.guide, AutoDelta):
-            return 1
-        return self.num_samples if num_samples is None else num_samples
-
-    def predict_proba(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        """Posterior-predictive class probabilities ``(N, C)`` for inputs ``x``.
-
-        :param torch.Tensor x: inputs; moved to the model's device.
-        :param int num_samples: guide samples (default :attr:`num_samples`; one for
-            ``flat-map``, whose guide is a point mass).
-        """
-        model, guide = self.reduced()
-        return predict_proba(model, guide, x.to(self._device()), self._samples(num_samples))
-
-    def predict_loader(
-        self, loader: Iterable, num_samples: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and targets over a loader of ``(x, y)`` batches.
-
-        :returns: ``(probs, targets)`` of shapes ``(N, C)`` and ``(N,)``, concatenated
-            over the batches, on the model's device.
-        """
-        probs, targets = [], []
-        for x, y in _OnDevice(loader, self._device()):
-            probs.append(self.predict_proba(x, num_samples))
-            targets.append(y)
-        return torch.cat(probs), torch.cat(targets)
-
-    def weight_means(
-        self, x: torch.Tensor, num_samples: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Posterior means of the network's parameters by site (zeros where pruned).
-
-        :param torch.Tensor x: a batch of inputs for one model call (one example
-            suffices).
-        """
-        model, guide = self.reduced()
-        return posterior_means(
-            model,
-            guide,
-            x.to(self._device()),
-            sites=self.model.random_sites(),
-            num_samples=self._samples(num_samples),
-        )
 
 
 def _dataset_size(loader: Iterable, dataset_size: int | None) -> int:
@@ -253,6 +150,11 @@ def fit_method(
     guide: str = "auto",
     rule: Callable[[BayesianClassifier], PruningRule] | None = None,
     optimizer: str = "adam",
+    prior: Prior | None = None,
+    init_radius: float | None = None,
+    steps_per_epoch: int | None = None,
+    warmup_steps: int = 0,
+    elbo: str = "trace",
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -290,10 +192,26 @@ def fit_method(
     :param str optimizer: ``"adam"`` (torch's fused Adam) or ``"adabelief"`` (the
         authors' optimiser, from ``pytorch-optimizer``, with Optax's defaults:
         betas 0.9 and 0.999, eps 1e-16, no rectification or weight decay).
+    :param prior: the prior of the network's parameters (default
+        :func:`method_prior`).
+    :param init_radius: start every guide location uniformly in
+        ``(-init_radius, init_radius)`` on the unconstrained scale, as the authors
+        do (Pyro's ``init_to_uniform``); default: the network's own initial weights
+        and the priors' starting hyper-parameters.
+    :param steps_per_epoch: optimisation steps per epoch, cycling through
+        ``train_loader`` as needed (the authors' epochs are 500 steps on every data
+        set); default one pass over the loader.
+    :param int warmup_steps: ``bmr`` only: steps trained before the first reduction,
+        which then starts the first epoch (the authors' warm-up); 0 trains the first
+        epoch unreduced.
+    :param str elbo: ``"trace"`` (Pyro's ``Trace_ELBO``) or ``"mean-field"``
+        (``TraceMeanField_ELBO``, analytic KL terms where they exist; the authors'
+        choice for Flat-MAP).
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
-    :raises ValueError: at once, for an unknown method or network, or sizes that
-        cannot be read from the loader.
+    :raises ValueError: at once, for an unknown method, network, guide, optimiser
+        or ELBO, a negative count, warm-up asked of a method that does not prune,
+        or sizes that cannot be read from the loader.
     """
     _check_method(method)
     check_network_name(network)
@@ -301,8 +219,16 @@ def fit_method(
         raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDES)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 0:
-        raise ValueError(f"num_epochs must be a non-negative int, got {num_epochs!r}")
+    if elbo not in ELBOS:
+        raise ValueError(f"unknown elbo {elbo!r}; choose one of {', '.join(ELBOS)}")
+    _count("num_epochs", num_epochs)
+    _count("warmup_steps", warmup_steps)
+    if steps_per_epoch is not None and _count("steps_per_epoch", steps_per_epoch) == 0:
+        raise ValueError("steps_per_epoch must be positive, got 0")
+    if warmup_steps and method != "bmr":
+        raise ValueError(f"warmup_steps applies to bmr only, not to {method!r}")
+    if init_radius is not None and not (math.isfinite(init_radius) and init_radius > 0):
+        raise ValueError(f"init_radius must be a positive number, got {init_radius!r}")
     size = _dataset_size(train_loader, dataset_size)
     shape = _input_shape(train_loader, input_shape)
     return _epochs(
@@ -324,7 +250,43 @@ def fit_method(
         guide_kind=guide,
         rule=bmr_rule if rule is None else rule,
         optimizer=optimizer,
+        prior=method_prior(method) if prior is None else prior,
+        init_radius=init_radius,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup_steps,
+        elbo=elbo,
     )
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _steps(loader: Iterable, count: int | None) -> Iterator[tuple]:
+    """One epoch's batches: a pass over ``loader``, or ``count`` batches cycling it."""
+    if count is None:
+        yield from loader
+        return
+    done = 0
+    while done < count:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done == count:
+                return
+        if empty:
+            return
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _adam(lr: float, device: str | torch.device | None) -> Adam:
@@ -362,39 +324,59 @@ def _epochs(
     guide_kind: str,
     rule: Callable[[BayesianClassifier], PruningRule],
     optimizer: str,
+    prior: Prior,
+    init_radius: float | None,
+    steps_per_epoch: int | None,
+    warmup_steps: int,
+    elbo: str,
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     net = build_network(network, input_shape, num_classes, **(network_kwargs or {}))
-    model = BayesianClassifier(net, dataset_size, method_prior(method), predicate)
+    model = BayesianClassifier(net, dataset_size, prior, predicate)
     if device is not None:
         model = model.to(device)
     loader = _OnDevice(train_loader, None if device is None else torch.device(device))
+    init_loc_fn = model.init_loc_fn if init_radius is None else init_to_uniform(radius=init_radius)
     if method == "flat-map":
-        guide, training = AutoDelta(model, init_loc_fn=model.init_loc_fn), nullcontext()
+        guide, training = AutoDelta(model, init_loc_fn=init_loc_fn), nullcontext()
     else:
         guide, training = make_guide(
-            model, guide_kind, init_loc_fn=model.init_loc_fn, init_scale=init_scale
+            model, guide_kind, init_loc_fn=init_loc_fn, init_scale=init_scale
         )
     optim = _adam(lr, device) if optimizer == "adam" else _adabelief(lr)
+    loss_fn = Trace_ELBO() if elbo == "trace" else TraceMeanField_ELBO()
     if method == "bmr":
-        trainer = StochasticBMR(model, guide, optim, Trace_ELBO(), rule=rule(model))
+        trainer = StochasticBMR(model, guide, optim, loss_fn, rule=rule(model))
         step = trainer.step
     else:
-        step = SVI(model, guide, optim, Trace_ELBO()).step
+        step = SVI(model, guide, optim, loss_fn).step
 
     batch = None
+    warmup = warmup_steps
     for epoch in range(1, num_epochs + 1):
         start = time.perf_counter()
+        model.train()  # dropout, where a network has it, in training only
         with training:
+            if warmup:
+                for batch in _steps(loader, warmup):
+                    step(*batch)
+                warmup = 0
             if method == "bmr" and batch is not None:
                 trainer.reduce(*batch)  # prune what the last epoch's record was evaluated on
             losses = []
-            for batch in tqdm(loader, disable=not progress, desc=f"{method} epoch {epoch}"):
+            batches = _steps(loader, steps_per_epoch)
+            for batch in tqdm(
+                batches,
+                total=steps_per_epoch or _length(loader),
+                disable=not progress,
+                desc=f"{method} epoch {epoch}",
+            ):
                 losses.append(step(*batch))
             if not losses:
                 raise ValueError("train_loader yielded no batch")
             loss = sum(losses) / len(losses)
+        model.eval()
         seconds = time.perf_counter() - start
         bmr = trainer.bmr if method == "bmr" else None
         yield EpochRecord(

@@ -64,13 +64,22 @@ def test_run_end_to_end_writes_results_and_figures(tmp_path, capsys):
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["method"])
-    assert lines[header].split() == ["method", "accuracy", "NLL", "ECE", "pruned", "s/epoch"]
+    assert lines[header].split() == [
+        "method",
+        "accuracy",
+        "NLL",
+        "ECE",
+        "pruned",
+        "hidden",
+        "s/epoch",
+    ]
     for line, method in zip(lines[header + 2 : header + 6], METHODS):
         curve = results["methods"][method]
         cells = line.split()
         assert cells[0] == method
-        assert cells[1:5] == [
-            f"{curve[key][-1]:.4f}" for key in ("accuracy", "nll", "ece", "pruned_fraction")
+        assert cells[1:6] == [
+            f"{curve[key][-1]:.4f}"
+            for key in ("accuracy", "nll", "ece", "pruned_fraction", "pruned_hidden")
         ]
     assert str(out) in stdout
 

@@ -139,7 +139,7 @@ def test_eval_every_evaluates_every_kth_epoch_and_the_last():
 def test_format_table_aligns_the_last_evaluation(tiny):
     table = format_table(tiny.results)
     lines = table.splitlines()
-    assert lines[0].split() == ["method", "accuracy", "NLL", "ECE", "pruned", "s/epoch"]
+    assert lines[0].split() == ["method", "accuracy", "NLL", "ECE", "pruned", "hidden", "s/epoch"]
     assert set(lines[1]) <= {"-", " "}
     assert len({len(line) for line in lines}) == 1  # every column aligned
     for line, method in zip(lines[2:], METHODS):
@@ -151,6 +151,7 @@ def test_format_table_aligns_the_last_evaluation(tiny):
             f"{curve['nll'][-1]:.4f}",
             f"{curve['ece'][-1]:.4f}",
             f"{curve['pruned_fraction'][-1]:.4f}",
+            f"{curve['pruned_hidden'][-1]:.4f}",
             f"{seconds:.2f}",
         ]
     assert len(lines) == 2 + len(METHODS)

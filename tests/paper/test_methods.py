@@ -11,11 +11,12 @@ from pyro_bmr.paper import METHODS, NETWORKS, fit_method, method_prior
 
 SMALL = {
     "mlp": {"hidden": (8,)},
+    "lenet": {"conv": (2, 3), "dense": (4,)},
     "lenet5": {},
     "lenet300100": {},
     "lenet5-caffe": {},
-    "vit": {"dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8},
-    "mixer": {"dim": 8, "depth": 1, "token_dim": 4, "channel_dim": 8},
+    "vit": {"dim": 8, "depth": 1, "heads": 2, "mlp_ratio": 1.0},
+    "mixer": {"dim": 8, "depth": 1, "token_ratio": 0.5, "channel_ratio": 1.0},
 }
 
 
