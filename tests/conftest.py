@@ -32,9 +32,16 @@ def sparse_regression():
 
 
 @pytest.fixture
-def kernels(monkeypatch):
-    """Fresh compile state; eager kernels unless a test asks otherwise."""
+def kernels(monkeypatch, request):
+    """Fresh compile state; eager kernels unless a test asks otherwise.
+
+    A compiled kernel that raises falls back to the eager one with a warning, which
+    would hide a broken compiled kernel behind a correct result: unless a test is
+    marked ``compile_fallback``, no compile may have failed by its end.
+    """
     monkeypatch.setattr(_kernels, "_compiled", {})
     monkeypatch.setattr(_kernels, "_failed", set())
     monkeypatch.setenv(_kernels.ENV_VAR, "0")
-    return monkeypatch
+    yield monkeypatch
+    if request.node.get_closest_marker("compile_fallback") is None:
+        assert not _kernels._failed, f"a compiled kernel failed on {_kernels._failed}"

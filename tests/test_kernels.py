@@ -101,6 +101,7 @@ def test_compiled_threshold_kernel_matches_the_plain_formula(kernels):
     assert _kernels._spike_threshold in _kernels._compiled
 
 
+@pytest.mark.compile_fallback
 def test_a_failing_compile_warns_once_and_falls_back_to_eager(kernels):
     kernels.setenv(_kernels.ENV_VAR, "1")
     calls = []
