@@ -393,7 +393,7 @@ def run_comparison(
             guide=guide,
             optimizer=optimizer,
             prior=setting.prior,
-            init_radius=paper.init_radius if paper else None,
+            init_loc_fn=setting.init_loc_fn() if paper else None,
             init_scale=paper.init_scale if paper else _QUICK_INIT_SCALE,
             steps_per_epoch=steps_per_epoch,
             warmup_steps=setting.warmup_steps,

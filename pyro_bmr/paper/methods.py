@@ -13,7 +13,12 @@
   (its weight and bias together), 4 fixed-point iterations, and the output layer
   never pruned.
 
-No method but ``bmr`` prunes. Every epoch is train → evaluate → prune, in the
+Beyond the paper's four, :data:`EXTRA_METHODS` holds ``bmr-rhs``: the model, prior
+and training of ``bmr``, reduced between epochs by a regularised horseshoe fitted
+post hoc (:class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction`, the authors'
+``prune_regularised_horseshoe``), the output layer left alone.
+
+No method but ``bmr`` and ``bmr-rhs`` prunes. Every epoch is train → evaluate → prune, in the
 authors' order: a record is yielded after an epoch's training, and ``bmr`` prunes
 when the next epoch starts, so every record describes a model re-fitted after its
 last pruning, and there is no pruning after the last epoch.
@@ -24,7 +29,6 @@ they need through :meth:`EpochRecord.predict_proba` and
 :meth:`EpochRecord.predict_loader`.
 """
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -34,12 +38,12 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.optim import Adam, PyroOptim
 from tqdm.auto import tqdm
 
 from pyro_bmr import PruningRule, SpikeAndSlabRule, StochasticBMR
 from pyro_bmr.guides import GUIDES, make_guide
+from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import (
     BayesianClassifier,
     GaussianPrior,
@@ -55,6 +59,7 @@ from .records import EpochRecord, _as_tuple, _OnDevice
 
 __all__ = [
     "ELBOS",
+    "EXTRA_METHODS",
     "METHODS",
     "OPTIMIZERS",
     "EpochRecord",
@@ -66,6 +71,13 @@ __all__ = [
 #: Names of the methods, in the order of the paper's comparison.
 METHODS = ("flat-map", "flat-ff", "tiered-ff", "bmr")
 
+#: Methods beyond the paper's four, which :func:`fit_method` and the comparison
+#: run when asked: ``bmr-rhs``, BMR with a regularised-horseshoe reduced prior.
+EXTRA_METHODS = ("bmr-rhs",)
+
+#: The methods that prune between epochs.
+PRUNING_METHODS = ("bmr", "bmr-rhs")
+
 #: The optimisers :func:`fit_method` can train with.
 OPTIMIZERS = ("adam", "adabelief")
 
@@ -74,19 +86,20 @@ ELBOS = ("trace", "mean-field")
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS + EXTRA_METHODS:
+        choices = ", ".join(METHODS + EXTRA_METHODS)
+        raise ValueError(f"unknown method {method!r}; choose one of {choices}")
 
 
 def method_prior(method: str) -> Prior:
-    """The prior a method puts on the network's parameters.
+    """The prior a method puts on the network's parameters (``bmr-rhs``: that of ``bmr``).
 
-    :raises ValueError: if ``method`` is not in :data:`METHODS`.
+    :raises ValueError: if ``method`` is not in :data:`METHODS` or :data:`EXTRA_METHODS`.
     """
     _check_method(method)
     if method == "tiered-ff":
         return HorseshoePrior()
-    if method == "bmr":
+    if method in PRUNING_METHODS:
         return LayerScalePrior(concentration=2.0, rate=2.0)
     return GaussianPrior(scale=1.0)
 
@@ -107,6 +120,27 @@ def bmr_rule(model: BayesianClassifier) -> SpikeAndSlabRule:
         num_iterations=4,
         groups=_layer,
         exclude=lambda site: _layer(site) == output,
+    )
+
+
+def rhs_reduction(
+    model: BayesianClassifier, guide: Callable[..., Any], **options: Any
+) -> HorseshoeReduction:
+    """The reduction of ``bmr-rhs`` for ``model``: a
+    :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction` of ``guide`` with one
+    horseshoe per layer (its weight and bias sharing the rows), the output layer
+    (the last layer with random parameters) left alone, and ``options`` over the
+    authors' settings (:math:`\\tau_0 = 10^{-2}`, slab :math:`\\mathrm{Gamma}(2, 6)`,
+    :math:`\\delta = 10^{-6}`, 5000 steps of 16 particles, learning rate
+    :math:`10^{-2}`, 1000 draws)."""
+    sites = model.random_sites()
+    output = _layer(sites[-1]) if sites else None
+    return HorseshoeReduction(
+        guide,
+        model=model,
+        groups=_layer,
+        exclude=lambda site: _layer(site) == output,
+        **options,
     )
 
 
@@ -151,7 +185,7 @@ def fit_method(
     rule: Callable[[BayesianClassifier], PruningRule] | None = None,
     optimizer: str = "adam",
     prior: Prior | None = None,
-    init_radius: float | None = None,
+    init_loc_fn: Callable[[dict], torch.Tensor] | None = None,
     steps_per_epoch: int | None = None,
     warmup_steps: int = 0,
     elbo: str = "trace",
@@ -194,10 +228,10 @@ def fit_method(
         betas 0.9 and 0.999, eps 1e-16, no rectification or weight decay).
     :param prior: the prior of the network's parameters (default
         :func:`method_prior`).
-    :param init_radius: start every guide location uniformly in
-        ``(-init_radius, init_radius)`` on the unconstrained scale, as the authors
-        do (Pyro's ``init_to_uniform``); default: the network's own initial weights
-        and the priors' starting hyper-parameters.
+    :param init_loc_fn: where the guide's locations start, a Pyro initialisation
+        function (the authors' mean-field guides use ``init_to_uniform(radius=2)``,
+        their point-mass guide ``init_to_median(num_samples=15)``); default: the
+        network's own initial weights and the priors' starting hyper-parameters.
     :param steps_per_epoch: optimisation steps per epoch, cycling through
         ``train_loader`` as needed (the authors' epochs are 500 steps on every data
         set); default one pass over the loader.
@@ -227,8 +261,8 @@ def fit_method(
         raise ValueError("steps_per_epoch must be positive, got 0")
     if warmup_steps and method != "bmr":
         raise ValueError(f"warmup_steps applies to bmr only, not to {method!r}")
-    if init_radius is not None and not (math.isfinite(init_radius) and init_radius > 0):
-        raise ValueError(f"init_radius must be a positive number, got {init_radius!r}")
+    if init_loc_fn is not None and not callable(init_loc_fn):
+        raise ValueError(f"init_loc_fn must be a Pyro initialisation function, got {init_loc_fn!r}")
     size = _dataset_size(train_loader, dataset_size)
     shape = _input_shape(train_loader, input_shape)
     return _epochs(
@@ -251,7 +285,7 @@ def fit_method(
         rule=bmr_rule if rule is None else rule,
         optimizer=optimizer,
         prior=method_prior(method) if prior is None else prior,
-        init_radius=init_radius,
+        init_loc_fn=init_loc_fn,
         steps_per_epoch=steps_per_epoch,
         warmup_steps=warmup_steps,
         elbo=elbo,
@@ -325,7 +359,7 @@ def _epochs(
     rule: Callable[[BayesianClassifier], PruningRule],
     optimizer: str,
     prior: Prior,
-    init_radius: float | None,
+    init_loc_fn: Callable[[dict], torch.Tensor] | None,
     steps_per_epoch: int | None,
     warmup_steps: int,
     elbo: str,
@@ -337,7 +371,7 @@ def _epochs(
     if device is not None:
         model = model.to(device)
     loader = _OnDevice(train_loader, None if device is None else torch.device(device))
-    init_loc_fn = model.init_loc_fn if init_radius is None else init_to_uniform(radius=init_radius)
+    init_loc_fn = model.init_loc_fn if init_loc_fn is None else init_loc_fn
     if method == "flat-map":
         guide, training = AutoDelta(model, init_loc_fn=init_loc_fn), nullcontext()
     else:

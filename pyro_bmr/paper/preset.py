@@ -9,8 +9,9 @@ October 2023; ``PAPER.md`` lists them point by point):
   the last epoch;
 * optimiser: AdaBelief, learning rate 1e-3 (``flat-map``), 5e-3 (``flat-ff``,
   ``tiered-ff``), 1e-2 (``bmr``);
-* initialisation: guide locations uniform in (−2, 2) on the unconstrained
-  (standardised) sites, guide scales 0.1;
+* initialisation (NumPyro's defaults): mean-field guide locations uniform in
+  (−2, 2) on the unconstrained (standardised) sites, scales 0.1; the point-mass
+  guide of ``flat-map`` at the median of 15 prior draws;
 * priors: :class:`~pyro_bmr.nn.LayerScalePrior` with :math:`c^{-2} \\sim
   \\mathrm{Gamma}(2, 2)` per layer and :math:`c` divided by 10 on every layer but the
   output layer for ``flat-map``, ``flat-ff`` and ``bmr`` (the same model, so
@@ -33,14 +34,18 @@ MNIST takes FashionMNIST's settings. Every setting can be overridden by the opti
 of :func:`~pyro_bmr.paper.experiments.run_comparison` and ``pyro-bmr run``.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pyro.infer.autoguide.initialization import init_to_median, init_to_uniform
 
 from pyro_bmr.nn import LayerHorseshoePrior, LayerScalePrior, Prior
 
 from .methods import METHODS
 
 __all__ = [
+    "INITS",
     "PAPER_DATASETS",
     "PAPER_NETWORKS",
     "PRESETS",
@@ -59,6 +64,14 @@ PAPER_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 #: The paper's networks, by their names in :data:`~pyro_bmr.paper.networks.NETWORKS`.
 PAPER_NETWORKS = ("mlp", "lenet", "vit", "mixer")
 
+#: The guides' starting points in the authors' code, NumPyro's defaults: the mean-field
+#: guides start uniform in (-2, 2) on the unconstrained scale, the point-mass guide at
+#: the median of 15 prior draws.
+INITS: dict[str, Callable[[], Callable[[dict], Any]]] = {
+    "uniform": lambda: init_to_uniform(radius=2.0),
+    "median": lambda: init_to_median(num_samples=15),
+}
+
 
 @dataclass(frozen=True)
 class MethodSettings:
@@ -71,6 +84,7 @@ class MethodSettings:
         :func:`~pyro_bmr.paper.methods.fit_method`).
     :ivar int warmup_steps: steps before the first reduction (``bmr``).
     :ivar dict network_kwargs: network arguments of this method (dropout).
+    :ivar str init: where the guide's locations start, a name of :data:`INITS`.
     """
 
     lr: float
@@ -79,6 +93,11 @@ class MethodSettings:
     elbo: str = "trace"
     warmup_steps: int = 0
     network_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str = "uniform"
+
+    def init_loc_fn(self) -> Callable[[dict], Any]:
+        """The Pyro initialisation function of :attr:`init`."""
+        return INITS[self.init]()
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (the prior as its ``repr``)."""
@@ -89,6 +108,7 @@ class MethodSettings:
             "elbo": self.elbo,
             "warmup_steps": self.warmup_steps,
             "network_kwargs": _jsonable(self.network_kwargs),
+            "init": self.init,
         }
 
 
@@ -104,7 +124,8 @@ class Preset:
     :ivar int epochs: epochs.
     :ivar int steps_per_epoch: optimisation steps per epoch.
     :ivar str optimizer: optimiser name.
-    :ivar float init_radius: guide locations start uniform in ``(-r, r)``.
+    :ivar float init_radius: mean-field guide locations start uniform in ``(-r, r)``
+        (each method's :attr:`MethodSettings.init` says where its guide starts).
     :ivar float init_scale: guide scales start here.
     :ivar str guide: mean-field guide of the Gaussian methods.
     :ivar dict methods: :class:`MethodSettings` per method.
@@ -187,7 +208,7 @@ def paper_preset(dataset: str, model: str) -> Preset:
     dropout = {} if model == "mixer" else {"dropout": 0.2}
     methods = {
         "flat-map": MethodSettings(
-            1e-3, flat, samples=1, elbo="mean-field", network_kwargs=dropout
+            1e-3, flat, samples=1, elbo="mean-field", network_kwargs=dropout, init="median"
         ),
         "flat-ff": MethodSettings(5e-3, flat),
         "tiered-ff": MethodSettings(5e-3, LayerHorseshoePrior(1e-2, 2.0, 6.0)),

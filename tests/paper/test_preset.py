@@ -37,6 +37,13 @@ def test_every_method_gets_the_authors_settings(dataset, model):
         "tiered-ff": "trace",
         "bmr": "trace",
     }
+    inits = {m: s.init for m, s in preset.methods.items()}
+    assert inits == {
+        "flat-map": "median",
+        "flat-ff": "uniform",
+        "tiered-ff": "uniform",
+        "bmr": "uniform",
+    }
     warmups = {m: s.warmup_steps for m, s in preset.methods.items()}
     assert warmups == {"flat-map": 0, "flat-ff": 0, "tiered-ff": 0, "bmr": 500}
     # Flat-MAP, Flat-FF and BMR share one model: c^-2 ~ Gamma(2, 2), c / 10 off the output
@@ -185,8 +192,26 @@ def test_steps_per_epoch_cycles_the_loader():
         fit_method("flat-ff", "mlp", _loader(), num_classes=3, num_epochs=1, warmup_steps=2)
     with pytest.raises(ValueError, match="unknown elbo 'renyi'"):
         fit_method("bmr", "mlp", _loader(), num_classes=3, num_epochs=1, elbo="renyi")
-    with pytest.raises(ValueError, match="init_radius must be a positive number"):
-        fit_method("bmr", "mlp", _loader(), num_classes=3, num_epochs=1, init_radius=0.0)
+    with pytest.raises(ValueError, match="init_loc_fn must be a Pyro initialisation function"):
+        fit_method("bmr", "mlp", _loader(), num_classes=3, num_epochs=1, init_loc_fn=2.0)
+
+
+def test_the_point_mass_guide_starts_at_the_prior_median():
+    (record,) = fit_method(
+        "flat-map",
+        "mlp",
+        _loader(),
+        num_classes=3,
+        num_epochs=1,
+        lr=1e-12,
+        network_kwargs={"hidden": (32,)},
+        prior=paper_preset("mnist", "mlp").methods["flat-map"].prior,
+        init_loc_fn=paper_preset("mnist", "mlp").methods["flat-map"].init_loc_fn(),
+    )
+    store = pyro.get_param_store()
+    z = torch.cat([store[n].detach().flatten() for n in store.keys() if "decentered" in n])
+    # the median of 15 standard normal draws: about N(0, 0.32^2), nowhere near +-2
+    assert z.numel() > 100 and z.abs().max() < 1.5 and 0.2 < z.std() < 0.45
 
 
 def test_the_guide_starts_uniform_in_minus_two_two_with_scales_point_one():
@@ -198,7 +223,7 @@ def test_the_guide_starts_uniform_in_minus_two_two_with_scales_point_one():
         num_epochs=1,
         lr=1e-12,  # one epoch that barely moves the guide
         network_kwargs={"hidden": (32,)},
-        init_radius=2.0,
+        init_loc_fn=paper_preset("mnist", "mlp").methods["flat-ff"].init_loc_fn(),
         init_scale=0.1,
     )
     store = pyro.get_param_store()
