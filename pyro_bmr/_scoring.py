@@ -14,7 +14,9 @@ import torch
 from pyro_bmr import _kernels
 from pyro_bmr._masks import check_mask, float_mask
 from pyro_bmr._tensors import as_tensors
+from pyro_bmr.correlated_posteriors import CorrelatedPosterior
 from pyro_bmr.free_energy import _direct, _repair, spike_constants
+from pyro_bmr.joint_selection import JointReduction, reduce_jointly
 from pyro_bmr.posteriors import MeanFieldPosterior
 from pyro_bmr.rules import PruningRule
 from pyro_bmr.sites import GaussianSite
@@ -30,6 +32,8 @@ class Scoring:
     :param reduced_scale: its scale, 0 for the point mass.
     :param update_posterior: whether the reduced posterior of kept elements is wanted.
     :param work: elements in all the reduced sites (decides what is compiled).
+    :param joint: ``"greedy"`` to choose the set to prune jointly (see
+        :meth:`decide_jointly`), or ``None``.
     """
 
     def __init__(
@@ -42,10 +46,11 @@ class Scoring:
         reduced_scale: float,
         update_posterior: bool,
         work: int,
+        joint: str | None = None,
     ) -> None:
         self.posterior, self.masks, self.rule = posterior, masks, rule
         self.reduced_loc, self.reduced_scale = reduced_loc, reduced_scale
-        self.update_posterior, self.work = update_posterior, work
+        self.update_posterior, self.work, self.joint = update_posterior, work, joint
 
     def _old_mask(self, site: GaussianSite, device: torch.device) -> torch.Tensor | None:
         old = self.masks.get(site.name)
@@ -226,6 +231,7 @@ class Scoring:
         if not self.rule.prunes(site.name):
             if site.finite or tau is not None:
                 tau = torch.full((), float("inf"), dtype=site.df.dtype, device=site.df.device)
+        site.tau = tau
         if tau is not None:
             keep, pruned, site.stats = _kernels.decide(site.df, tau, site.old_bytes(), self.work)
             site.set_masks(keep, pruned)
@@ -235,18 +241,61 @@ class Scoring:
         old = site.old
         if old is None:
             old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
-        site.keep = (self.rule.keep(df, old) if self.rule.prunes(site.name) else old) & old
-        site.pruned = ~site.keep
-        drop = float_mask(old & site.pruned, df.dtype).reshape(-1)
-        f64 = torch.float64
-        site.stats = torch.stack(
-            [
-                old.count_nonzero().to(f64),
-                site.keep.count_nonzero().to(f64),
-                (site.df * drop).nansum().to(f64),  # 0·inf is NaN: not pruned now
-                torch.zeros((), dtype=f64, device=df.device),
-            ]
+        site.replace_keep(self.rule.keep(df, old) if self.rule.prunes(site.name) else old)
+
+    def decide_jointly(
+        self, scored: list["Scored"], sites: Mapping[str, GaussianSite]
+    ) -> JointReduction | None:
+        """For a :class:`~pyro_bmr.correlated_posteriors.CorrelatedPosterior` (else
+        ``None``): the rule's decisions read as one set over the joint latent, which
+        ``joint="greedy"`` replaces by :func:`~pyro_bmr.joint_selection.select_greedily`'s
+        (each element against its site's threshold: the rule's, else 0), the set's joint
+        ΔF, and with ``update_posterior`` the reduced joint posterior to write. Elements
+        pruned before are outside the current model: its posterior is the marginal of
+        the others. The other latent sites of the joint keep their prior (they move only
+        by their correlations)."""
+        if not isinstance(self.posterior, CorrelatedPosterior):
+            return None
+        joint, layout = self.posterior.joint(), self.posterior.layout()
+        n, full = joint.loc.shape[-1], dict(dtype=joint.loc.dtype, device=joint.loc.device)
+        kept = torch.ones(n, dtype=torch.bool, device=full["device"])
+        proposal, candidates, soft = (torch.zeros_like(kept) for _ in range(3))
+        df, tau, m = (torch.zeros(n, **full) for _ in range(3))
+        s = torch.ones(n, **full)
+        for site in scored:
+            part, shape = layout[site.name]
+            old = kept[part] if site.old is None else site.old.reshape(-1)
+            kept[part], soft[part] = old, old
+            proposal[part] = old & site.pruned.reshape(-1)
+            if self.rule.prunes(site.name):
+                candidates[part] = old & torch.isfinite(site.df)
+            df[part] = site.df.to(df.dtype)
+            fixed = self._fixed_threshold(site.name)
+            tau[part] = fixed if fixed is not None else (0.0 if site.tau is None else site.tau)
+            prior = sites[site.name]
+            m[part] = prior.prior_loc.to(**full).expand(shape).reshape(-1)
+            s[part] = prior.prior_scale.to(**full).expand(shape).reshape(-1)
+        m_red = torch.where(soft, torch.full((), self.reduced_loc, **full), m)
+        out = reduce_jointly(
+            joint,
+            kept=kept,
+            proposal=proposal,
+            candidates=candidates,
+            delta_f=df,
+            threshold=tau,
+            prior_loc=m,
+            prior_scale=s,
+            reduced_loc=m_red,
+            soft=soft,
+            reduced_scale=self.reduced_scale,
+            greedy=self.joint == "greedy",
+            update=self.update_posterior,
         )
+        if self.joint == "greedy":
+            for site in scored:
+                part, shape = layout[site.name]
+                site.replace_keep(~out.pruned[part].view(shape))
+        return out
 
 
 def _spike_flags(probe: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
@@ -276,6 +325,7 @@ class Scored:
         self.post: tuple | None = None
         self.unsafe: torch.Tensor | None = None
         self.finite = False
+        self.tau: torch.Tensor | None = None  # the site's threshold, where decided by one
 
     @property
     def inputs(self) -> tuple:
@@ -295,3 +345,22 @@ class Scored:
     def set_masks(self, keep: torch.Tensor, pruned: torch.Tensor) -> None:
         self.keep = keep.view(torch.bool).view(self.shape)
         self.pruned = pruned.view(torch.bool).view(self.shape)
+
+    def replace_keep(self, keep: torch.Tensor) -> None:
+        """Take ``keep`` (bool, the site's shape) as the decision, within the current
+        mask, and count again (on the device: no sync)."""
+        old = self.old
+        if old is None:
+            old = torch.ones(self.shape, dtype=torch.bool, device=keep.device)
+        self.keep = keep & old
+        self.pruned = ~self.keep
+        drop = float_mask(old & self.pruned, self.df.dtype).reshape(-1)
+        f64 = torch.float64
+        self.stats = torch.stack(
+            [
+                old.count_nonzero().to(f64),
+                self.keep.count_nonzero().to(f64),
+                (self.df * drop).nansum().to(f64),  # 0·inf is NaN: not pruned now
+                torch.zeros((), dtype=f64, device=keep.device),
+            ]
+        )

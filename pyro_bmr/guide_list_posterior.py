@@ -48,18 +48,19 @@ def _make_part(index: int, guide: autoguide.AutoGuide) -> _Part:
     target = guide
     if isinstance(guide, autoguide.AutoCallable):
         target = _pyro_compat.autocallable_guide(guide)
+    if isinstance(
+        guide, (autoguide.AutoMultivariateNormal, autoguide.AutoLowRankMultivariateNormal)
+    ):
+        reason = (
+            f"drawn by {label}, a Gaussian with correlations: BMR reduces such a guide as a "
+            f"whole, BayesianModelReduction({type(guide).__name__}(model)), not as a part"
+        )
+        return _Part(guide, label, None, reason)
     try:
         return _Part(guide, label, mean_field_posterior(target), None)
     except TypeError as exc:
         if isinstance(guide, autoguide.AutoDelta):
             reason = f"drawn by {label}, a point mass: BMR needs a Gaussian posterior"
-        elif isinstance(
-            guide, (autoguide.AutoMultivariateNormal, autoguide.AutoLowRankMultivariateNormal)
-        ):
-            reason = (
-                f"drawn by {label}, a Gaussian with correlations: BMR needs a mean-field "
-                "(diagonal) Gaussian posterior"
-            )
         else:
             reason = f"drawn by {label}, whose posterior BMR cannot read: {exc}"
         return _Part(guide, label, None, reason)

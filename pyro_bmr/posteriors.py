@@ -6,7 +6,10 @@ elements can be pinned to zero there too. A :class:`MeanFieldPosterior` answers
 both for one kind of guide; :func:`mean_field_posterior` picks the right one and
 :func:`register_posterior` adds support for a custom guide. Pyro's
 ``AutoGuideList`` and guides written by hand as functions are read by
-:mod:`pyro_bmr.guide_list_posterior` and :mod:`pyro_bmr.guide_function_posterior`.
+:mod:`pyro_bmr.guide_list_posterior` and :mod:`pyro_bmr.guide_function_posterior`,
+and its guides with correlations (``AutoMultivariateNormal``,
+``AutoLowRankMultivariateNormal``), through their marginals and their joint, by
+:mod:`pyro_bmr.correlated_posteriors`.
 """
 
 from abc import ABC, abstractmethod
@@ -33,10 +36,9 @@ __all__ = [
 _REGISTRY: list[tuple[type, type["MeanFieldPosterior"]]] = []
 #: posteriors registered for one guide object (a guide function), by equality
 _BY_GUIDE: dict[Callable, type["MeanFieldPosterior"]] = {}
-_NOT_MEAN_FIELD = (
-    autoguide.AutoDelta,
-    autoguide.AutoMultivariateNormal,
-    autoguide.AutoLowRankMultivariateNormal,
+_NOT_GAUSSIAN = (autoguide.AutoDelta,)
+_SUPPORTED = (
+    "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal or AutoLowRankMultivariateNormal"
 )
 
 
@@ -140,14 +142,15 @@ def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
 
     Looked up in this order: a posterior registered for this guide object, then by
     type (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoGuideList``,
-    :class:`~pyro_bmr.MeanFieldGuide`, registered types); a plain callable that is
-    no ``AutoGuide`` is read as a guide written by hand
+    :class:`~pyro_bmr.MeanFieldGuide`, ``AutoMultivariateNormal`` and
+    ``AutoLowRankMultivariateNormal`` (a
+    :class:`~pyro_bmr.correlated_posteriors.CorrelatedPosterior`), registered types);
+    a plain callable that is no ``AutoGuide`` is read as a guide written by hand
     (:class:`~pyro_bmr.guide_function_posterior.GuideFunctionPosterior`).
 
     :raises TypeError: for what :func:`~pyro_bmr.make_guide` returns (a tuple), for
-        something not callable, and for a guide that is not a mean-field Gaussian
-        (``AutoDelta``, full- or low-rank-covariance guides) or an ``AutoGuide`` of
-        a type nobody registered.
+        something not callable, and for a guide that is not Gaussian (``AutoDelta``)
+        or an ``AutoGuide`` of a type nobody registered.
     """
     if isinstance(guide, tuple):
         if len(guide) == 2 and callable(guide[0]) and isinstance(guide[1], AbstractContextManager):
@@ -161,19 +164,18 @@ def mean_field_posterior(guide: Callable) -> MeanFieldPosterior:
     cls = _registered_for(guide)
     if cls is not None:
         return cls(guide)
-    if isinstance(guide, _NOT_MEAN_FIELD):
+    if isinstance(guide, _NOT_GAUSSIAN):
         raise TypeError(
-            f"{type(guide).__name__} is not a mean-field Gaussian guide, so BMR cannot score "
-            "its sites; use AutoNormal or AutoDiagonalNormal"
+            f"{type(guide).__name__} is not a Gaussian guide, so BMR cannot score its sites; "
+            f"use {_SUPPORTED}"
         )
     for guide_type, cls in _REGISTRY:
         if isinstance(guide, guide_type):
             return cls(guide)
     if isinstance(guide, autoguide.AutoGuide):
         raise TypeError(
-            f"unsupported guide type {type(guide).__name__}: use AutoNormal or "
-            "AutoDiagonalNormal, or register a MeanFieldPosterior with "
-            "pyro_bmr.register_posterior"
+            f"unsupported guide type {type(guide).__name__}: use {_SUPPORTED}, or "
+            "register a MeanFieldPosterior with pyro_bmr.register_posterior"
         )
     return _guide_function.GuideFunctionPosterior(guide)
 
@@ -279,6 +281,8 @@ class AutoDiagonalNormalPosterior(MeanFieldPosterior):
         return {f"_{_pyro_compat.autoguide_prefix(self.guide)}_latent": torch.cat(pieces)}
 
 
-# guides written by hand, and AutoGuideList; imported last, as they build on the above
+# guides written by hand, AutoGuideList and the guides with correlations; imported
+# last, as they build on the above
 from pyro_bmr import guide_function_posterior as _guide_function  # noqa: E402, F401, I001
 from pyro_bmr import guide_list_posterior as _guide_list  # noqa: E402, F401
+from pyro_bmr import correlated_posteriors as _correlated  # noqa: E402, F401

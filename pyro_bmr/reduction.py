@@ -11,6 +11,7 @@ import torch
 from pyro_bmr import _pyro_compat
 from pyro_bmr._masks import MaskError, MaskView, check_mask
 from pyro_bmr._scoring import Scoring
+from pyro_bmr.correlated_posteriors import CorrelatedPosterior
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
 from pyro_bmr.poutine.prune_messenger import PruneMessenger
 from pyro_bmr.report import ReductionReport, Sparsity, sparsity
@@ -29,8 +30,9 @@ __all__ = ["BayesianModelReduction"]
 class BayesianModelReduction:
     """Sparsify a Pyro model post hoc by Bayesian model reduction.
 
-    Built from a fitted mean-field Gaussian guide (``AutoNormal``,
-    ``AutoDiagonalNormal`` or a registered custom guide). :meth:`reduce` scores,
+    Built from a fitted Gaussian guide (``AutoNormal``, ``AutoDiagonalNormal``,
+    ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal`` or a registered
+    custom guide). :meth:`reduce` scores,
     in closed form (:func:`~pyro_bmr.delta_f`), the reduced model in which each
     element's Gaussian prior collapses to a point mass at zero, lets ``rule``
     decide, and accumulates the result in :attr:`masks`. It applies the masks
@@ -50,7 +52,9 @@ class BayesianModelReduction:
                 svi.step(x, y)
             report = bmr.reduce(x, y)
 
-    :param guide: a mean-field Gaussian guide of the model.
+    :param guide: a Gaussian guide of the model. With correlations, each element is
+        scored from its marginal (exact), and the set pruned from the joint
+        (``ReductionReport.joint_delta_f``).
     :param PruningRule rule: decides which elements to prune; default
         :class:`~pyro_bmr.ThresholdRule` (prune where ΔF > 0).
     :param sites: names of the sites to reduce; ``None`` (default) reduces every
@@ -65,7 +69,13 @@ class BayesianModelReduction:
         for scoring; 0 (default) is the point mass.
     :param bool update_posterior: after scoring with a soft reduced prior
         (``reduced_scale > 0``), overwrite the guide's loc and scale of kept
-        elements with the reduced posterior.
+        elements with the reduced posterior. A guide with correlations takes the
+        point mass too: its joint posterior becomes the reduced model's.
+    :param joint: ``"greedy"``, for a guide with correlations, where the ΔF of a set
+        is not the sum of its elements': the rule's proposal is improved by dropping
+        and adding elements, in the order of their own ΔF, against the joint ΔF
+        (:func:`~pyro_bmr.joint_selection.select_greedily`; :math:`O(n^3)` for
+        :math:`n` elements). Needs ``reduced_scale=0``. ``None``: the rule decides.
     :param model: the model; defaults to ``guide.model``.
     """
 
@@ -79,6 +89,7 @@ class BayesianModelReduction:
         reduced_scale: float = 0.0,
         update_posterior: bool = False,
         local_latents: bool = False,
+        joint: str | None = None,
         model: Callable | None = None,
     ) -> None:
         if rule is None:
@@ -87,12 +98,22 @@ class BayesianModelReduction:
             raise TypeError(f"rule must be a PruningRule, got {type(rule).__name__}")
         if not reduced_scale >= 0:
             raise ValueError(f"reduced_scale must be non-negative, got {reduced_scale}")
-        if update_posterior and reduced_scale == 0:
+        self.posterior: MeanFieldPosterior = mean_field_posterior(guide)
+        correlated = isinstance(self.posterior, CorrelatedPosterior)
+        if update_posterior and reduced_scale == 0 and not correlated:
             raise ValueError(
                 "update_posterior needs a soft reduced prior (reduced_scale > 0): under the "
                 "point mass the reduced posterior of a pruned element is exactly zero"
             )
-        self.posterior: MeanFieldPosterior = mean_field_posterior(guide)
+        if joint not in (None, "greedy"):
+            raise ValueError(f"joint must be None or 'greedy', got {joint!r}")
+        if joint is not None and (not correlated or reduced_scale != 0):
+            raise ValueError(
+                f"joint={joint!r} chooses a set to prune to the point mass (reduced_scale=0, "
+                f"here {reduced_scale}) under a guide with correlations (AutoMultivariateNormal, "
+                f"AutoLowRankMultivariateNormal, here {type(guide).__name__}): under a "
+                "mean-field guide the ΔF of a set is the sum of its elements'"
+            )
         self.guide = guide
         self.rule = rule
         self.requested_sites = None if sites is None else list(sites)
@@ -100,6 +121,7 @@ class BayesianModelReduction:
         self.reduced_scale = float(reduced_scale)
         self.update_posterior = bool(update_posterior)
         self.local_latents = bool(local_latents)
+        self.joint = joint
         self._model = model
         self._masks: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] | None = None  # loaded, not yet validated
@@ -259,6 +281,7 @@ class BayesianModelReduction:
             reduced_scale=self.reduced_scale,
             update_posterior=self.update_posterior,
             work=work,
+            joint=self.joint,
         )
 
     @torch.no_grad()
@@ -278,7 +301,7 @@ class BayesianModelReduction:
             posterior, or a model whose structure changed.
         """
         sites = self._current_sites(*args, **kwargs)
-        if self.update_posterior:
+        if self.update_posterior and not isinstance(self.posterior, CorrelatedPosterior):
             for name in sites:  # before anything is written
                 self.posterior.check_assign(name, scale=True)
         if self._reductions == 0:
@@ -298,6 +321,7 @@ class BayesianModelReduction:
         if pending:
             for site, stats in zip(pending, torch.stack([s.stats for s in pending]).cpu()):
                 site.stats = stats
+        joint = scoring.decide_jointly(scored, sites)  # None for a mean-field guide
 
         report_df, newly, pruned, gained = {}, 0, 0, 0.0
         for site in scored:
@@ -308,10 +332,12 @@ class BayesianModelReduction:
             if not site.zeroed:
                 zero = torch.zeros((), dtype=site.df.dtype, device=site.df.device)
                 self.posterior.assign(site.name, site.pruned, zero, None)
-            if self.update_posterior:
+            if self.update_posterior and joint is None:
                 self.posterior.assign(site.name, site.keep, site.post[0], site.post[1])
             self._masks[site.name] = site.keep
             report_df[site.name] = site.df.view(site.shape)
+        if joint is not None and joint.posterior is not None:
+            self.posterior.assign_joint(joint.kept, joint.posterior)
         self._refresh()
         self._reductions += 1
         return ReductionReport(
@@ -321,6 +347,7 @@ class BayesianModelReduction:
             num_elements=work,
             total_delta_f=gained,
             skipped=dict(self._skipped),
+            joint_delta_f=None if joint is None else float(joint.delta_f),
         )
 
     def _warn_if_untrained(self, sites: dict[str, GaussianSite]) -> None:

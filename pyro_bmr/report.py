@@ -76,9 +76,14 @@ class ReductionReport:
     :ivar int num_pruned: elements pruned in total after this reduction.
     :ivar int num_newly_pruned: elements this reduction pruned.
     :ivar int num_elements: elements in all reduced sites.
-    :ivar float total_delta_f: the evidence gained by this reduction, the sum of ΔF
-        over the newly pruned elements (ΔF adds up over independent elements).
+    :ivar float total_delta_f: the sum of ΔF over the newly pruned elements: the
+        evidence gained by this reduction where they are independent (ΔF adds up over
+        independent elements).
     :ivar dict skipped: latent site name → why it was not reduced.
+    :ivar joint_delta_f: for a guide with correlations, the evidence gained by this
+        reduction: the ΔF of pruning the newly pruned elements together, from their
+        joint posterior (which ``total_delta_f`` is not); ``None`` for a mean-field
+        guide, where it is ``total_delta_f``.
     """
 
     delta_f: dict[str, torch.Tensor]
@@ -87,6 +92,7 @@ class ReductionReport:
     num_elements: int
     total_delta_f: float
     skipped: dict[str, str] = field(default_factory=dict)
+    joint_delta_f: float | None = None
 
     @property
     def pruned_fraction(self) -> float:
@@ -98,6 +104,7 @@ class ReductionReport:
             f"pruned {self.num_pruned}/{self.num_elements} elements "
             f"({100 * self.pruned_fraction:.1f}%), {self.num_newly_pruned} new, "
             f"ΔF gained {self.total_delta_f:.4g}"
+            + ("" if self.joint_delta_f is None else f" (jointly {self.joint_delta_f:.4g})")
         ]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)

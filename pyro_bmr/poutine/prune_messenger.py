@@ -8,9 +8,11 @@ import torch
 from pyro.distributions import Delta
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
 from pyro_bmr._masks import check_mask
 from pyro_bmr.distributions import PrunedNormal, _Mask
+from pyro_bmr.pruned_multivariate import PrunedMultivariateNormal
 from pyro_bmr.sites import normal_params
 
 __all__ = ["PruneMessenger", "prune"]
@@ -19,6 +21,9 @@ __all__ = ["PruneMessenger", "prune"]
 class PruneMessenger(Messenger):
     """Given masks for Gaussian sample sites, makes every masked-out element a
     point mass at zero: it samples exactly 0 and adds nothing to ``log_prob``.
+    At a (low-rank) multivariate Normal site, such as the joint latent of
+    ``AutoMultivariateNormal``, the kept elements follow their marginal
+    (:class:`~pyro_bmr.pruned_multivariate.PrunedMultivariateNormal`).
 
     Only ``msg["fn"]`` of the named, unobserved sites changes, so the handler
     composes with ``trace``, ``replay``, ``condition``, ``block``, ``plate``,
@@ -30,7 +35,7 @@ class PruneMessenger(Messenger):
     :raises MaskError: (a ``ValueError``) for a mask that is not a bool tensor, and
         at a masked site whose shape the mask does not fit.
     :raises ValueError: at a masked site whose distribution is not an elementwise
-        Normal.
+        Normal or a (low-rank) multivariate Normal.
     """
 
     def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -62,6 +67,10 @@ class PruneMessenger(Messenger):
         fn = msg["fn"]
         if isinstance(getattr(fn, "base_dist", fn), Delta):
             return  # a guide's deterministic copy of a pruned auxiliary site
+        if isinstance(fn, (MultivariateNormal, LowRankMultivariateNormal)):
+            keep = check_mask(msg["name"], mask, fn.event_shape).to(fn.loc.device)
+            msg["fn"] = PrunedMultivariateNormal(fn, keep)
+            return
         params = normal_params(fn)
         if params is None:
             raise ValueError(
