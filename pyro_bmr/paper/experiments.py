@@ -35,10 +35,18 @@ import pyro_bmr
 from pyro_bmr.report import sparsity
 
 from .data import DEFAULT_DATA_DIR, DatasetSplits, load_dataset, make_loaders
-from .methods import METHODS, EpochRecord, _layer, fit_method, method_prior
+from .methods import (
+    EXTRA_METHODS,
+    METHODS,
+    PRUNING_METHODS,
+    EpochRecord,
+    _layer,
+    fit_method,
+    method_prior,
+)
 from .metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from .networks.zoo import check_network_name
-from .preset import PRESETS, MethodSettings, Preset, _jsonable, paper_preset
+from .preset import PRESETS, MethodSettings, Preset, _jsonable, paper_preset, rhs_settings
 
 __all__ = [
     "CURVES",
@@ -134,10 +142,11 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
         methods = [methods]
     methods = list(methods)
     if not methods:
-        raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
+        raise ValueError(f"methods is empty; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in METHODS + EXTRA_METHODS:
+            choices = ", ".join(METHODS + EXTRA_METHODS)
+            raise ValueError(f"unknown method {method!r}; choose from {choices}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods must not repeat, got {', '.join(methods)}")
     return methods
@@ -219,6 +228,7 @@ def run_comparison(
     optimizer: str | None = None,
     steps_per_epoch: int | None = None,
     warmup_steps: int | None = None,
+    reduction: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -246,7 +256,8 @@ def run_comparison(
         recorded in the configuration).
     :type dataset: str or ~pyro_bmr.paper.data.DatasetSplits
     :param str model: a network name of :data:`~pyro_bmr.paper.networks.NETWORKS`.
-    :param methods: method names of :data:`~pyro_bmr.paper.methods.METHODS`, run in this order.
+    :param methods: method names of :data:`~pyro_bmr.paper.methods.METHODS` or
+        :data:`~pyro_bmr.paper.methods.EXTRA_METHODS` (``bmr-rhs``), run in this order.
     :param str preset: one of :data:`~pyro_bmr.paper.preset.PRESETS`.
     :param int epochs: training epochs per method.
     :param int batch_size: training batch size.
@@ -269,8 +280,10 @@ def run_comparison(
         :func:`~pyro_bmr.paper.methods.fit_method`).
     :param int steps_per_epoch: optimisation steps per epoch (default: the preset's;
         one pass over the training split for ``quick``).
-    :param int warmup_steps: ``bmr``'s steps before its first reduction (default: the
-        preset's; none for ``quick``).
+    :param int warmup_steps: the steps of ``bmr`` and ``bmr-rhs`` before their first
+        reduction (default: the preset's; none for ``quick``).
+    :param dict reduction: options of ``bmr-rhs``'s reduction over the authors' (see
+        :func:`~pyro_bmr.paper.methods.rhs_reduction`), e.g. ``{"num_steps": 1000}``.
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown preset, data set, network or method, a setting
@@ -292,6 +305,8 @@ def run_comparison(
             _positive_int(name, value)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if reduction is not None:
+        rhs_settings(**reduction)  # checked even where bmr-rhs does not run
     if hidden is not None:
         if model != "mlp":
             raise ValueError(f"hidden widths apply to the mlp only, not to model {model!r}")
@@ -331,7 +346,8 @@ def run_comparison(
     ):
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     settings = {
-        m: _method_settings(m, paper, lr, samples, warmup_steps, network_kwargs) for m in methods
+        m: _method_settings(m, paper, lr, samples, warmup_steps, network_kwargs, reduction)
+        for m in methods
     }
     config = {
         "preset": preset,
@@ -398,6 +414,7 @@ def run_comparison(
             steps_per_epoch=steps_per_epoch,
             warmup_steps=setting.warmup_steps,
             elbo=setting.elbo,
+            reduction=setting.reduction or None,
         )
         bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
         with bar:
@@ -429,19 +446,30 @@ def _method_settings(
     samples: int | None,
     warmup_steps: int | None,
     network_kwargs: dict[str, Any],
+    reduction: Mapping[str, Any] | None = None,
 ) -> MethodSettings:
     """One method's settings: the preset's, with the explicit options over them."""
     if paper is None:
-        base = MethodSettings(DEFAULTS["lr"], method_prior(method), samples=DEFAULTS["samples"])
+        base = MethodSettings(
+            DEFAULTS["lr"],
+            method_prior(method),
+            samples=DEFAULTS["samples"],
+            reduction=rhs_settings() if method == "bmr-rhs" else {},
+        )
     else:
-        base = paper.methods[method]
+        base = paper.settings(method)
     return dataclasses.replace(
         base,
         lr=base.lr if lr is None else float(lr),
         # a point-mass guide predicts the same with any number of samples
         samples=1 if method == "flat-map" else base.samples if samples is None else samples,
-        warmup_steps=base.warmup_steps if warmup_steps is None or method != "bmr" else warmup_steps,
+        warmup_steps=base.warmup_steps
+        if warmup_steps is None or method not in PRUNING_METHODS
+        else warmup_steps,
         network_kwargs={**network_kwargs, **base.network_kwargs},
+        reduction=rhs_settings(**{**base.reduction, **(reduction or {})})
+        if method == "bmr-rhs"
+        else {},
     )
 
 

@@ -18,8 +18,8 @@ and training of ``bmr``, reduced between epochs by a regularised horseshoe fitte
 post hoc (:class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction`, the authors'
 ``prune_regularised_horseshoe``), the output layer left alone.
 
-No method but ``bmr`` and ``bmr-rhs`` prunes. Every epoch is train → evaluate → prune, in the
-authors' order: a record is yielded after an epoch's training, and ``bmr`` prunes
+No method but ``bmr`` and ``bmr-rhs`` prunes. Every epoch is train → evaluate →
+prune, in the authors' order: a record is yielded after an epoch's training, and ``bmr`` prunes
 when the next epoch starts, so every record describes a model re-fitted after its
 last pruning, and there is no pruning after the last epoch.
 
@@ -30,7 +30,7 @@ they need through :meth:`EpochRecord.predict_proba` and
 """
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -66,6 +66,7 @@ __all__ = [
     "bmr_rule",
     "fit_method",
     "method_prior",
+    "rhs_reduction",
 ]
 
 #: Names of the methods, in the order of the paper's comparison.
@@ -189,6 +190,7 @@ def fit_method(
     steps_per_epoch: int | None = None,
     warmup_steps: int = 0,
     elbo: str = "trace",
+    reduction: Mapping[str, Any] | None = None,
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -198,9 +200,10 @@ def fit_method(
     :func:`method_prior` and fitted with Adam (fused, on CPU and CUDA) on the ELBO
     (``Trace_ELBO``); ``bmr`` trains through :class:`~pyro_bmr.StochasticBMR` with
     :func:`bmr_rule`, reducing at the start of every epoch after the first (so each
-    record is of a model re-fitted after its last pruning).
+    record is of a model re-fitted after its last pruning); ``bmr-rhs`` the same way
+    with :func:`rhs_reduction`.
 
-    :param str method: one of :data:`METHODS`.
+    :param str method: one of :data:`METHODS` or :data:`EXTRA_METHODS`.
     :param str network: a network name for :func:`build_network`.
     :param train_loader: re-iterable batches ``(x, y)`` (a ``DataLoader``).
     :param int num_classes: number of classes.
@@ -235,16 +238,21 @@ def fit_method(
     :param steps_per_epoch: optimisation steps per epoch, cycling through
         ``train_loader`` as needed (the authors' epochs are 500 steps on every data
         set); default one pass over the loader.
-    :param int warmup_steps: ``bmr`` only: steps trained before the first reduction,
+    :param int warmup_steps: ``bmr`` and ``bmr-rhs`` only: steps trained before the
+        first reduction,
         which then starts the first epoch (the authors' warm-up); 0 trains the first
         epoch unreduced.
     :param str elbo: ``"trace"`` (Pyro's ``Trace_ELBO``) or ``"mean-field"``
         (``TraceMeanField_ELBO``, analytic KL terms where they exist; the authors'
         choice for Flat-MAP).
+    :param dict reduction: ``bmr-rhs`` only: options of its
+        :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction` over the authors'
+        (see :func:`rhs_reduction`), e.g. ``{"num_steps": 1000}``.
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method, network, guide, optimiser
         or ELBO, a negative count, warm-up asked of a method that does not prune,
+        reduction options asked of another method than ``bmr-rhs`` or out of range,
         or sizes that cannot be read from the loader.
     """
     _check_method(method)
@@ -259,8 +267,11 @@ def fit_method(
     _count("warmup_steps", warmup_steps)
     if steps_per_epoch is not None and _count("steps_per_epoch", steps_per_epoch) == 0:
         raise ValueError("steps_per_epoch must be positive, got 0")
-    if warmup_steps and method != "bmr":
-        raise ValueError(f"warmup_steps applies to bmr only, not to {method!r}")
+    if warmup_steps and method not in PRUNING_METHODS:
+        raise ValueError(f"warmup_steps applies to bmr and bmr-rhs only, not to {method!r}")
+    if reduction is not None and method != "bmr-rhs":
+        raise ValueError(f"reduction options apply to bmr-rhs only, not to {method!r}")
+    reduction = HorseshoeReduction.check_options(**(reduction or {}))
     if init_loc_fn is not None and not callable(init_loc_fn):
         raise ValueError(f"init_loc_fn must be a Pyro initialisation function, got {init_loc_fn!r}")
     size = _dataset_size(train_loader, dataset_size)
@@ -289,6 +300,7 @@ def fit_method(
         steps_per_epoch=steps_per_epoch,
         warmup_steps=warmup_steps,
         elbo=elbo,
+        reduction=reduction,
     )
 
 
@@ -363,6 +375,7 @@ def _epochs(
     steps_per_epoch: int | None,
     warmup_steps: int,
     elbo: str,
+    reduction: dict[str, Any],
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -383,6 +396,10 @@ def _epochs(
     if method == "bmr":
         trainer = StochasticBMR(model, guide, optim, loss_fn, rule=rule(model))
         step = trainer.step
+    elif method == "bmr-rhs":
+        bmr = rhs_reduction(model, guide, **reduction)
+        trainer = StochasticBMR(model, guide, optim, loss_fn, bmr=bmr)
+        step = trainer.step
     else:
         step = SVI(model, guide, optim, loss_fn).step
 
@@ -396,7 +413,7 @@ def _epochs(
                 for batch in _steps(loader, warmup):
                     step(*batch)
                 warmup = 0
-            if method == "bmr" and batch is not None:
+            if method in PRUNING_METHODS and batch is not None:
                 trainer.reduce(*batch)  # prune what the last epoch's record was evaluated on
             losses = []
             batches = _steps(loader, steps_per_epoch)
@@ -412,7 +429,7 @@ def _epochs(
             loss = sum(losses) / len(losses)
         model.eval()
         seconds = time.perf_counter() - start
-        bmr = trainer.bmr if method == "bmr" else None
+        bmr = trainer.bmr if method in PRUNING_METHODS else None
         yield EpochRecord(
             method=method,
             epoch=epoch,

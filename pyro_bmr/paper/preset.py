@@ -22,6 +22,10 @@ October 2023; ``PAPER.md`` lists them point by point):
   training; one prediction sample; the others 100;
 * ``bmr``'s rule: :func:`~pyro_bmr.paper.methods.bmr_rule` (spike and slab, 4
   iterations, one sparsity per layer, the output layer never pruned);
+* beyond the paper's four (:attr:`Preset.extra_methods`): ``bmr-rhs`` takes
+  ``bmr``'s model, prior, learning rate and warm-up, and reduces by
+  :func:`~pyro_bmr.paper.methods.rhs_reduction` with the authors' settings of
+  ``prune_regularised_horseshoe``;
 * networks: MLP 4 × 500 swish; LeNet tanh with average pooling (convolutions 6,
   16, 120 and dense 84 on FashionMNIST and MNIST; 18, 48, 360 and 256 on CIFAR);
   ViT patch 4, width 256, depth 6, 8 heads, MLP ratio 2; MLP-Mixer patch 4, width
@@ -40,9 +44,10 @@ from typing import Any
 
 from pyro.infer.autoguide.initialization import init_to_median, init_to_uniform
 
+from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import LayerHorseshoePrior, LayerScalePrior, Prior
 
-from .methods import METHODS
+from .methods import EXTRA_METHODS, METHODS
 
 __all__ = [
     "INITS",
@@ -52,6 +57,7 @@ __all__ = [
     "MethodSettings",
     "Preset",
     "paper_preset",
+    "rhs_settings",
 ]
 
 #: The presets of :func:`~pyro_bmr.paper.experiments.run_comparison`: ``quick`` (the
@@ -85,6 +91,9 @@ class MethodSettings:
     :ivar int warmup_steps: steps before the first reduction (``bmr``).
     :ivar dict network_kwargs: network arguments of this method (dropout).
     :ivar str init: where the guide's locations start, a name of :data:`INITS`.
+    :ivar dict reduction: options of ``bmr-rhs``'s
+        :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction` (empty for the
+        other methods).
     """
 
     lr: float
@@ -94,6 +103,7 @@ class MethodSettings:
     warmup_steps: int = 0
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     init: str = "uniform"
+    reduction: dict[str, Any] = field(default_factory=dict)
 
     def init_loc_fn(self) -> Callable[[dict], Any]:
         """The Pyro initialisation function of :attr:`init`."""
@@ -109,6 +119,7 @@ class MethodSettings:
             "warmup_steps": self.warmup_steps,
             "network_kwargs": _jsonable(self.network_kwargs),
             "init": self.init,
+            **({"reduction": _jsonable(self.reduction)} if self.reduction else {}),
         }
 
 
@@ -131,6 +142,8 @@ class Preset:
     :ivar dict methods: :class:`MethodSettings` per method.
     :ivar str rule: ``bmr``'s pruning rule, in words.
     :ivar int ece_bins: equal-mass bins of the ECE.
+    :ivar dict extra_methods: :class:`MethodSettings` of the methods beyond the
+        paper's four (:data:`~pyro_bmr.paper.methods.EXTRA_METHODS`).
     """
 
     dataset: str
@@ -147,6 +160,12 @@ class Preset:
     methods: dict[str, MethodSettings]
     rule: str
     ece_bins: int = 20
+    extra_methods: dict[str, MethodSettings] = field(default_factory=dict)
+
+    def settings(self, method: str) -> MethodSettings:
+        """The :class:`MethodSettings` of ``method``, one of the paper's four or an
+        extra one."""
+        return self.methods[method] if method in self.methods else self.extra_methods[method]
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready values, for ``results.json``."""
@@ -163,10 +182,22 @@ class Preset:
             "init_scale": self.init_scale,
             "guide": self.guide,
             "methods": {name: s.to_dict() for name, s in self.methods.items()},
+            "extra_methods": {name: s.to_dict() for name, s in self.extra_methods.items()},
             "rule": self.rule,
             "ece_bins": self.ece_bins,
             "pruned_fraction": "over the non-output layers",
         }
+
+
+def rhs_settings(**overrides: Any) -> dict[str, Any]:
+    """``bmr-rhs``'s reduction options as recorded: the authors' (those of
+    :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction`) with ``overrides``,
+    checked, the progress bar left out.
+
+    :raises ValueError: for an unknown option or a value out of range.
+    """
+    options = HorseshoeReduction.check_options(**overrides)
+    return {name: value for name, value in options.items() if name != "progress"}
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +246,10 @@ def paper_preset(dataset: str, model: str) -> Preset:
         "bmr": MethodSettings(1e-2, flat, warmup_steps=500),
     }
     assert tuple(methods) == METHODS
+    extra_methods = {
+        "bmr-rhs": MethodSettings(1e-2, flat, warmup_steps=500, reduction=rhs_settings()),
+    }
+    assert tuple(extra_methods) == EXTRA_METHODS
     return Preset(
         dataset=dataset,
         model=model,
@@ -228,6 +263,7 @@ def paper_preset(dataset: str, model: str) -> Preset:
         init_scale=0.1,
         guide="auto",
         methods=methods,
+        extra_methods=extra_methods,
         rule="spike-and-slab, Beta(1, 1), 4 iterations, one sparsity per layer, "
         "output layer never pruned (bmr_rule)",
     )

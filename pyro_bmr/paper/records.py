@@ -8,6 +8,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoGuide
 
 from pyro_bmr import BayesianModelReduction
+from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import BayesianClassifier, posterior_means, predict_proba
 from pyro_bmr.report import Sparsity
 
@@ -47,16 +48,18 @@ class EpochRecord:
     :ivar str method: the method's name.
     :ivar int epoch: the epoch just finished, counting from 1.
     :ivar float seconds: wall-clock seconds of the epoch's training (including, for
-        ``bmr``, the reduction that starts it; excluding anything done with the
-        record).
+        ``bmr`` and ``bmr-rhs``, the reduction that starts it; excluding anything
+        done with the record).
     :ivar float loss: mean over the epoch's steps of the minibatch ELBO loss,
         which is scaled to the data set size.
     :ivar BayesianClassifier model: the model.
     :ivar AutoGuide guide: its fitted guide.
-    :ivar bmr: the :class:`~pyro_bmr.BayesianModelReduction` handler (``bmr`` only).
+    :ivar bmr: the reduction handler: a :class:`~pyro_bmr.BayesianModelReduction`
+        (``bmr``) or a :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction`
+        (``bmr-rhs``); ``None`` for the methods that do not prune.
     :ivar sparsity: pruned fractions of the model evaluated after this epoch, i.e.
-        after the reductions of the earlier epochs (``bmr`` only; zero after the
-        first epoch).
+        after the reductions of the earlier epochs (``bmr`` and ``bmr-rhs`` only;
+        zero after the first epoch).
     :ivar int num_samples: default number of posterior samples for predictions.
     """
 
@@ -66,12 +69,13 @@ class EpochRecord:
     loss: float
     model: BayesianClassifier
     guide: AutoGuide
-    bmr: BayesianModelReduction | None = None
+    bmr: BayesianModelReduction | HorseshoeReduction | None = None
     sparsity: Sparsity | None = None
     num_samples: int = 100
 
     def reduced(self) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        """The model and guide to predict with: ``bmr(model), bmr(guide)`` for ``bmr``."""
+        """The model and guide to predict with: ``bmr(model), bmr(guide)`` for the
+        methods that prune."""
         if self.bmr is None:
             return self.model, self.guide
         return self.bmr(self.model), self.bmr(self.guide)

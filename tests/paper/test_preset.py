@@ -188,7 +188,9 @@ def test_steps_per_epoch_cycles_the_loader():
         )
     )
     assert [r.epoch for r in records] == [1, 2]
-    with pytest.raises(ValueError, match="warmup_steps applies to bmr only, not to 'flat-ff'"):
+    with pytest.raises(
+        ValueError, match="warmup_steps applies to bmr and bmr-rhs only, not to 'flat-ff'"
+    ):
         fit_method("flat-ff", "mlp", _loader(), num_classes=3, num_epochs=1, warmup_steps=2)
     with pytest.raises(ValueError, match="unknown elbo 'renyi'"):
         fit_method("bmr", "mlp", _loader(), num_classes=3, num_epochs=1, elbo="renyi")
