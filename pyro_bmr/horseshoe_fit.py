@@ -45,10 +45,14 @@ so :math:`\\tau \\sim \\mathcal C^+(0, \\tau_0)` and :math:`\\lambda_i \\sim \\m
 a layer of one row has :math:`\\tau = \\tau_0`. :math:`\\gamma^2` and
 :math:`1/\\gamma^2` are computed from the logarithms of the hyper-parameters, so
 that no draw, however far a fit takes it, makes them infinite or NaN, and
-:math:`\\gamma^2` is at most :math:`10^4` (``MAX_REDUCED_VAR``): an element whose
-posterior is as wide as its prior but shifted, :math:`\\sigma = 1`,
-:math:`\\mu \\ne 0`, has :math:`\\Delta F = \\mu^2 (g - 1)/2`, which grows without
-bound, and the fit would drive the slab precision to zero after it.
+:math:`\\gamma^2` is at most 1 (``MAX_REDUCED_VAR``): a reduction never widens the
+prior. An element whose posterior is as wide as its prior but shifted,
+:math:`\\sigma = 1, \\mu \\ne 0`, has :math:`\\Delta F = \\mu^2 (g - 1)/2`, which
+grows without bound in :math:`g`; after a reduction such elements are common (a
+row shrunk to a prior narrower than its posterior), and uncapped, the fit drove
+the slab precision to zero and widened their priors ten-thousandfold, with the
+reduced posterior means (:math:`g\\mu/D`) along, which took a LeNet-300-100 on
+MNIST from 97% to 52% accuracy in three reductions.
 
 **Result.** With :math:`q(\\theta)` fitted (``AutoNormal``), each row's reduced prior
 is summarised by its expected precision, the authors' choice:
@@ -88,10 +92,11 @@ def layer_of(site: str) -> str:
     return site.rsplit(".", 1)[0] if "." in site else site
 
 
-#: the widest reduced prior of one reduction, :math:`g = \\gamma^2 \\le 10^4`: ΔF of an
-#: element whose posterior is as wide as its prior but shifted grows without bound
-#: in :math:`g` (its likelihood is an exponential tilt), and so would the fit
-MAX_REDUCED_VAR = 1e4
+#: the widest reduced prior, :math:`g = \\gamma^2 \\le 1`: a reduction never widens the
+#: prior it reduces. ΔF of an element whose posterior is about as wide as its prior
+#: but shifted grows without bound in :math:`g` (its likelihood is an exponential
+#: tilt), and the fit would follow it with the slab precision to zero
+MAX_REDUCED_VAR = 1.0
 _LOG_MAX_VAR = math.log(MAX_REDUCED_VAR)
 
 #: the smallest standardised posterior variance :math:`\\sigma^2` scored: a posterior a

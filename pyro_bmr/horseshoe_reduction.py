@@ -61,9 +61,9 @@ class HorseshoeReduction:
     horseshoe by maximising ΔF plus their log prior
     (:func:`~pyro_bmr.horseshoe_fit.fit_horseshoe`), and multiplies each row's
     factor :math:`\\gamma` by :math:`\\gamma_{\\mathrm{eff}} = \\mathbb
-    E_q[1/\\gamma^2]^{-1/2}`. The factors persist and multiply over reductions, as
-    in the authors' code; elements whose factor falls below ``threshold`` are
-    pruned.
+    E_q[1/\\gamma^2]^{-1/2}` (at most 1: a reduction never widens the prior). The
+    factors persist and multiply over reductions, as in the authors' code; elements
+    whose factor falls below ``threshold`` are pruned.
 
     It is an effect handler like :class:`~pyro_bmr.BayesianModelReduction`, and
     :class:`~pyro_bmr.StochasticBMR` takes it as ``bmr``: ``red(model)`` runs the

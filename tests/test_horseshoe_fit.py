@@ -132,7 +132,7 @@ def test_fit_shrinks_rows_without_evidence_and_keeps_clear_signals():
     weight, bias = fit.scales["l.w"], fit.scales["l.b"]
     assert weight.shape == (8, 1) and bias.shape == (8,) and weight.dtype == torch.float32
     assert torch.equal(weight[:, 0], bias)
-    assert (weight[:4] < 0.2).all() and (weight[4:] > 1.0).all()
+    assert (weight[:4] < 0.2).all() and (weight[4:] > 0.7).all()
 
 
 @pytest.mark.parametrize(
@@ -185,8 +185,8 @@ def test_no_draw_and_no_posterior_makes_the_objective_or_the_factors_nan():
             assert torch.isfinite(df).all(), (value, slab)
 
 
-def test_a_shifted_posterior_as_wide_as_its_prior_cannot_widen_the_prior_without_bound():
-    # ΔF = μ² (g − 1)/2 grows without bound in g: one reduction widens by at most 10⁴
+def test_a_reduction_never_widens_the_prior():
+    # ΔF = μ² (g − 1)/2 grows without bound in g: a reduction never widens the prior
     model = HorseshoeModel({"l.w": (torch.full((2, 3), 3.0), torch.ones(2, 3))})
     wide = {
         "l.slab_precision": torch.tensor([1e-20]),
@@ -195,11 +195,11 @@ def test_a_shifted_posterior_as_wide_as_its_prior_cannot_widen_the_prior_without
         "l.w.row_v": torch.tensor([[1e10, 1.0]]),
     }
     g = model.reduced_variances(wide)["l.w"][0, :, 0]
-    assert g[0] == pytest.approx(1e4) and g[1] == pytest.approx(1e4)
-    assert model.expected_precisions(wide)["l.w"][:, 0].tolist() == pytest.approx([1e-4, 1e-4])
+    assert g.tolist() == pytest.approx([1.0, 1.0])
+    assert model.expected_precisions(wide)["l.w"][:, 0].tolist() == pytest.approx([1.0, 1.0])
     narrow = {**wide, "l.horseshoe_global": torch.tensor([[1.0, 1.0]])}
     g = model.reduced_variances(narrow)["l.w"][0, :, 0]
-    assert g[0] == pytest.approx(1e4) and g[1] == pytest.approx(1e-4)  # the cap, and below
+    assert g[0] == pytest.approx(1.0) and g[1] == pytest.approx(1e-4)  # the cap, and below
 
 
 def test_a_step_with_a_non_finite_gradient_changes_nothing(monkeypatch):
