@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
 
-from .priors import ANCHOR, Prior, _rows, _set_sample
+from .priors import ANCHOR, Prior, _Gamma, _rows, _set_sample
 
 __all__ = ["HorseshoePrior", "LayerHorseshoePrior"]
 
@@ -165,16 +165,6 @@ class _HalfGamma:
         return dist.Gamma(zero + 0.5, zero + 1.0).expand(self.shape).to_event(len(self.shape))
 
 
-class _PrecisionGamma:
-    def __init__(self, concentration: float, rate: float) -> None:
-        self.concentration = concentration
-        self.rate = rate
-
-    def __call__(self, module: PyroModule) -> dist.TorchDistribution:
-        zero = getattr(module, ANCHOR)
-        return dist.Gamma(zero + self.concentration, zero + self.rate)
-
-
 class _LayerHorseshoeNormal:
     """:math:`\\mathcal N(0, \\gamma^2)` with the authors' reduced horseshoe scale
     :math:`\\gamma` (the output layer's: one half-Cauchy scale)."""
@@ -274,9 +264,7 @@ class LayerHorseshoePrior(Prior):
                 )
             return {self.global_site: 1.0}
         inits = {self.slab_site: self.slab_concentration / self.slab_rate}
-        _set_sample(
-            module, self.slab_site, _PrecisionGamma(self.slab_concentration, self.slab_rate)
-        )
+        _set_sample(module, self.slab_site, _Gamma(self.slab_concentration, self.slab_rate))
         weight = params.get("weight", next(iter(params.values())))
         has_global = _rows(weight)[0] != (1,) and weight.dim() > 0
         if has_global:
