@@ -6,7 +6,8 @@ The data path, one module per stage: trace the model and find its Gaussian sites
 (:mod:`pyro_bmr.free_energy`), decide (:mod:`pyro_bmr.rules`), keep the masks
 (:mod:`pyro_bmr.reduction`) and apply them with an effect handler
 (:mod:`pyro_bmr.poutine`), and train with reductions between epochs
-(:mod:`pyro_bmr.stochastic`). :mod:`pyro_bmr.guides` holds a lean mean-field guide
+(:mod:`pyro_bmr.stochastic`), on an ELBO whose step is captured and compiled
+(:mod:`pyro_bmr.compiled_elbo`). :mod:`pyro_bmr.guides` holds a lean mean-field guide
 for Bayesian networks, :mod:`pyro_bmr.nn` makes any ``torch.nn.Module`` Bayesian,
 and :mod:`pyro_bmr.deterministic` turns a reduced network into a plain, smaller
 ``torch.nn.Module``.
@@ -18,6 +19,7 @@ the ``pyro-bmr`` command) is an application of the library, in
 
 from pyro_bmr import poutine
 from pyro_bmr._masks import MaskError
+from pyro_bmr.compiled_elbo import CompiledTrace_ELBO, CompiledTraceMeanField_ELBO
 from pyro_bmr.deterministic import export, guide_means
 from pyro_bmr.free_energy import DeltaF, delta_f
 from pyro_bmr.guides import MeanFieldGuide, make_guide
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BayesianModelReduction",
+    "CompiledTraceMeanField_ELBO",
+    "CompiledTrace_ELBO",
     "DeltaF",
     "GaussianSite",
     "MaskError",

@@ -7,7 +7,9 @@ so a release that moves one breaks this file and that test, not the library.
 the hook Pyro's own autoguides override; it is called only through here.)
 """
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyro
@@ -18,6 +20,12 @@ from torch.distributions import constraints
 
 __all__ = [
     "autocallable_guide",
+    "captures_under_way",
+    "capturing",
+    "elbo_without_items",
+    "handler_types",
+    "stored_constraint",
+    "stored_unconstrained",
     "autoguide_plates",
     "autoguide_prefix",
     "converted_from",
@@ -214,3 +222,71 @@ def forget_compiled_function(function: Any) -> None:
     """Make a ``pyro.ops.jit.CompiledFunction`` compile again at its next call
     (``compiled``, its cache of traced graphs)."""
     function.compiled.clear()
+
+
+# -- captured ELBO steps (pyro_bmr.compiled_elbo) ------------------------------------
+
+_CAPTURES: list = []
+
+
+@contextmanager
+def capturing(elbo: Any) -> Iterator[None]:
+    """Announce, for the duration, that ``elbo`` is capturing its step."""
+    _CAPTURES.append(elbo)
+    try:
+        yield
+    finally:
+        _CAPTURES.remove(elbo)
+
+
+def captures_under_way() -> list:
+    """The ELBOs capturing a step now (their graphs bake in what the model reads);
+    each holds its graphs in a dict ``compiled``, like Pyro's ``CompiledFunction``."""
+    return list(_CAPTURES)
+
+
+def handler_types() -> tuple[type, ...]:
+    """The types of the effect handlers active now (``_PYRO_STACK``), outermost first."""
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    return tuple(type(frame) for frame in _PYRO_STACK)
+
+
+def stored_unconstrained(name: str) -> torch.Tensor | None:
+    """The unconstrained tensor Pyro's global param store holds under ``name``."""
+    return pyro.get_param_store()._params.get(name)
+
+
+def stored_constraint(name: str, unconstrained: torch.Tensor) -> constraints.Constraint | None:
+    """The constraint of ``name`` in the global store, if the store holds this very
+    tensor (``None`` for a module-local parameter)."""
+    store = pyro.get_param_store()
+    if store._params.get(name) is not unconstrained:
+        return None
+    return store._constraints[name]
+
+
+def _tensor_item(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _no_warning(value: Any, *args, **kwargs) -> Any:
+    return value
+
+
+@contextmanager
+def elbo_without_items(classes: Iterable[type]) -> Iterator[None]:
+    """In the modules defining ``classes`` (an ELBO's MRO), make ``torch_item`` return
+    a detached tensor and ``warn_if_nan`` do nothing, so that the ELBO's loss is
+    computed without reading a tensor's value (Pyro's ELBOs call both on every step)."""
+    patched = []
+    for module in {sys.modules[cls.__module__] for cls in classes}:
+        for attr, replacement in (("torch_item", _tensor_item), ("warn_if_nan", _no_warning)):
+            if hasattr(module, attr):
+                patched.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, replacement)
+    try:
+        yield
+    finally:
+        for module, attr, original in patched:
+            setattr(module, attr, original)

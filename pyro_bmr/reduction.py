@@ -144,6 +144,7 @@ class BayesianModelReduction:
                 # a JIT ELBO bakes the masks into its compiled graph: it must compile
                 # again once they change
                 self._jit_functions.update(_pyro_compat.jit_functions_compiling())
+            self._jit_functions.update(_pyro_compat.captures_under_way())  # likewise
             return pruned(*args, **kwargs)
 
         return run

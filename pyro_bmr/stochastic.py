@@ -5,11 +5,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from pyro.infer import ELBO, SVI, Trace_ELBO
+from pyro.infer import ELBO, SVI
 from pyro.optim import PyroOptim
 from tqdm.auto import tqdm
 
 from pyro_bmr import _pyro_compat
+from pyro_bmr.compiled_elbo import CompiledTrace_ELBO
 from pyro_bmr.reduction import BayesianModelReduction
 from pyro_bmr.report import ReductionReport
 from pyro_bmr.rules import PruningRule
@@ -34,7 +35,13 @@ class StochasticBMR:
     for the rest of training.
 
     Any Pyro ELBO works (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``,
-    ``RenyiELBO``, ``JitTrace_ELBO``, ...), and any Pyro optimiser, which wraps any
+    ``RenyiELBO``, ``JitTrace_ELBO``, ...); the default,
+    :class:`~pyro_bmr.compiled_elbo.CompiledTrace_ELBO`, is ``Trace_ELBO`` with its
+    step captured and compiled once per model structure (and again after every
+    reduction), falling back to the plain ELBO where that fails; its replays do not
+    run the model's Python, so give a model with per-step side effects in Python
+    (counters, annealing schedules kept in globals) ``loss=Trace_ELBO()`` (see
+    :doc:`/howto/objectives`). Any Pyro optimiser works, and through it any
     ``torch.optim`` optimiser (``pyro.optim.PyroOptim(torch.optim.SGD, {"lr":
     1e-2})``). Prefer torch's fused Adam (``pyro.optim.Adam({"lr": 1e-3, "fused":
     True})``): the default one slows down on the exactly-zero gradients of pruned
@@ -43,7 +50,8 @@ class StochasticBMR:
     :param model: a Pyro model with Gaussian priors.
     :param guide: its mean-field Gaussian guide (e.g. ``AutoNormal(model)``).
     :param optim: a Pyro optimiser (:class:`~pyro.optim.PyroOptim`).
-    :param loss: the ELBO; default :class:`~pyro.infer.Trace_ELBO`.
+    :param loss: the ELBO; default
+        :class:`~pyro_bmr.compiled_elbo.CompiledTrace_ELBO`.
     :param PruningRule rule: the rule of a new handler (default threshold at 0).
     :param BayesianModelReduction bmr: an existing handler to use instead.
     :param int reduce_every: epochs between reductions.
@@ -66,7 +74,7 @@ class StochasticBMR:
             raise ValueError(
                 f"reduce_every must be a positive number of epochs, got {reduce_every}"
             )
-        loss = Trace_ELBO() if loss is None else loss
+        loss = CompiledTrace_ELBO() if loss is None else loss
         if not isinstance(loss, ELBO):
             raise TypeError(f"loss must be a Pyro ELBO, got {type(loss).__name__}")
         if not isinstance(optim, PyroOptim):

@@ -1,8 +1,15 @@
+import os
+
 import pyro
 import pytest
 import torch
 
-from pyro_bmr import _kernels
+from pyro_bmr import _kernels, compiled_elbo
+
+# Captured ELBO steps replay their graph as captured: torch.compile would spend
+# seconds to minutes per small model on code that tests/test_compiled_elbo.py checks
+# on its own ("inductor" against "fx" and the plain ELBO).
+os.environ.setdefault(compiled_elbo.ENV_VAR, "fx")
 
 # The tests' tensors are small: on two cores, a second intra-op thread mostly
 # waits, and on a busy machine it makes SVI steps many times slower.

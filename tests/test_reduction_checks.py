@@ -12,7 +12,7 @@ from pyro.infer import SVI, JitTrace_ELBO
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.optim import Adam
 
-from pyro_bmr import BayesianModelReduction, MaskError, StochasticBMR, delta_f
+from pyro_bmr import BayesianModelReduction, CompiledTrace_ELBO, MaskError, StochasticBMR, delta_f
 from pyro_bmr.sites import StructureError
 
 from .models import fit, regression_model, subsampled_model
@@ -180,11 +180,12 @@ def _pruned_gradients(svi, pruned, *args):
     return grad
 
 
-def test_a_jit_elbo_reused_after_reduce_runs_the_reduced_model(sparse_regression):
+@pytest.mark.parametrize("elbo_class", [JitTrace_ELBO, CompiledTrace_ELBO])
+def test_a_jit_elbo_reused_after_reduce_runs_the_reduced_model(elbo_class, sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
     bmr = BayesianModelReduction(guide)
-    elbo = JitTrace_ELBO()
+    elbo = elbo_class()
     svi = SVI(bmr(regression_model), bmr(guide), Adam({"lr": 0.05}), elbo)
     for _ in range(100):  # compiled before any reduction, with no masks
         svi.step(X, y)
@@ -197,10 +198,11 @@ def test_a_jit_elbo_reused_after_reduce_runs_the_reduced_model(sparse_regression
             svi.step(X, y)
 
 
-def test_stochastic_bmr_with_a_jit_elbo_runs_the_reduced_model(sparse_regression):
+@pytest.mark.parametrize("elbo_class", [JitTrace_ELBO, CompiledTrace_ELBO])
+def test_stochastic_bmr_with_a_jit_elbo_runs_the_reduced_model(elbo_class, sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
-    elbo = JitTrace_ELBO()
+    elbo = elbo_class()
     trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}), elbo)
     for _ in range(3):
         trainer.fit(lambda: (X, y), num_epochs=1, steps_per_epoch=60, progress=False)

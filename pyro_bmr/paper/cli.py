@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pyro_bmr.compiled_elbo import BACKENDS
 from pyro_bmr.guides import GUIDES
 from pyro_bmr.paper.methods import OPTIMIZERS
 
@@ -189,6 +190,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "reparameterisation (local) (default: auto)",
     )
     train.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="how each SVI step runs: captured once per model structure and compiled "
+        "by torch.compile (inductor), captured and replayed uncompiled (fx), or Pyro's "
+        "plain ELBO (eager) (default: inductor)",
+    )
+    train.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
         default=None,
@@ -333,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         guide=args.guide,
         optimizer=args.optimizer,
+        backend=args.backend,
         steps_per_epoch=args.steps_per_epoch,
         warmup_steps=args.warmup_steps,
         reduction=_reduction(args),

@@ -22,6 +22,7 @@ wall-clock ``seconds``).
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +33,8 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 import pyro_bmr
+from pyro_bmr.compiled_elbo import BACKENDS
+from pyro_bmr.compiled_elbo import ENV_VAR as ELBO_BACKEND_VAR
 from pyro_bmr.report import sparsity
 
 from .data import DEFAULT_DATA_DIR, DatasetSplits, load_dataset, make_loaders
@@ -229,6 +232,7 @@ def run_comparison(
     steps_per_epoch: int | None = None,
     warmup_steps: int | None = None,
     reduction: Mapping[str, Any] | None = None,
+    backend: str | None = None,
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -284,6 +288,8 @@ def run_comparison(
         reduction (default: the preset's; none for ``quick``).
     :param dict reduction: options of ``bmr-rhs``'s reduction over the authors' (see
         :func:`~pyro_bmr.paper.methods.rhs_reduction`), e.g. ``{"num_steps": 1000}``.
+    :param str backend: how the ELBO's captured step runs (see
+        :func:`~pyro_bmr.paper.methods.fit_method`); default ``"inductor"``.
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown preset, data set, network or method, a setting
@@ -294,6 +300,8 @@ def run_comparison(
     check_network_name(model)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     for name, value in [
         ("epochs", epochs),
         ("batch_size", batch_size),
@@ -368,6 +376,7 @@ def run_comparison(
         "eval_every": eval_every,
         "guide": guide,
         "optimizer": optimizer,
+        "backend": backend or os.environ.get(ELBO_BACKEND_VAR, "inductor"),
         "init_radius": paper.init_radius if paper else None,
         "init_scale": paper.init_scale if paper else _QUICK_INIT_SCALE,
         "pad": paper.pad if paper else 0,
@@ -415,6 +424,7 @@ def run_comparison(
             warmup_steps=setting.warmup_steps,
             elbo=setting.elbo,
             reduction=setting.reduction or None,
+            backend=backend,
         )
         bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
         with bar:

@@ -36,12 +36,13 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI
 from pyro.infer.autoguide import AutoDelta
 from pyro.optim import Adam, PyroOptim
 from tqdm.auto import tqdm
 
 from pyro_bmr import PruningRule, SpikeAndSlabRule, StochasticBMR
+from pyro_bmr.compiled_elbo import BACKENDS, CompiledTrace_ELBO, CompiledTraceMeanField_ELBO
 from pyro_bmr.guides import GUIDES, make_guide
 from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import (
@@ -191,6 +192,7 @@ def fit_method(
     warmup_steps: int = 0,
     elbo: str = "trace",
     reduction: Mapping[str, Any] | None = None,
+    backend: str | None = None,
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -198,7 +200,8 @@ def fit_method(
     same arguments give bit-identical results on a CPU. The network is built with
     :func:`~pyro_bmr.paper.networks.build_network`, made Bayesian under
     :func:`method_prior` and fitted with Adam (fused, on CPU and CUDA) on the ELBO
-    (``Trace_ELBO``); ``bmr`` trains through :class:`~pyro_bmr.StochasticBMR` with
+    (``Trace_ELBO``, its step captured and compiled:
+    :class:`~pyro_bmr.compiled_elbo.CompiledTrace_ELBO`); ``bmr`` trains through :class:`~pyro_bmr.StochasticBMR` with
     :func:`bmr_rule`, reducing at the start of every epoch after the first (so each
     record is of a model re-fitted after its last pruning); ``bmr-rhs`` the same way
     with :func:`rhs_reduction`.
@@ -245,13 +248,16 @@ def fit_method(
     :param str elbo: ``"trace"`` (Pyro's ``Trace_ELBO``) or ``"mean-field"``
         (``TraceMeanField_ELBO``, analytic KL terms where they exist; the authors'
         choice for Flat-MAP).
+    :param str backend: how the ELBO's captured step runs, one of
+        :data:`~pyro_bmr.compiled_elbo.BACKENDS` (``"eager"``: Pyro's plain ELBO);
+        default from :data:`~pyro_bmr.compiled_elbo.ENV_VAR`, else ``"inductor"``.
     :param dict reduction: ``bmr-rhs`` only: options of its
         :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction` over the authors'
         (see :func:`rhs_reduction`), e.g. ``{"num_steps": 1000}``.
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method, network, guide, optimiser
-        or ELBO, a negative count, warm-up asked of a method that does not prune,
+        ELBO or backend, a negative count, warm-up asked of a method that does not prune,
         reduction options asked of another method than ``bmr-rhs`` or out of range,
         or sizes that cannot be read from the loader.
     """
@@ -263,6 +269,8 @@ def fit_method(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if elbo not in ELBOS:
         raise ValueError(f"unknown elbo {elbo!r}; choose one of {', '.join(ELBOS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _count("num_epochs", num_epochs)
     _count("warmup_steps", warmup_steps)
     if steps_per_epoch is not None and _count("steps_per_epoch", steps_per_epoch) == 0:
@@ -301,6 +309,7 @@ def fit_method(
         warmup_steps=warmup_steps,
         elbo=elbo,
         reduction=reduction,
+        backend=backend,
     )
 
 
@@ -376,6 +385,7 @@ def _epochs(
     warmup_steps: int,
     elbo: str,
     reduction: dict[str, Any],
+    backend: str | None,
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -392,7 +402,8 @@ def _epochs(
             model, guide_kind, init_loc_fn=init_loc_fn, init_scale=init_scale
         )
     optim = _adam(lr, device) if optimizer == "adam" else _adabelief(lr)
-    loss_fn = Trace_ELBO() if elbo == "trace" else TraceMeanField_ELBO()
+    elbo_class = CompiledTrace_ELBO if elbo == "trace" else CompiledTraceMeanField_ELBO
+    loss_fn = elbo_class(backend=backend)
     if method == "bmr":
         trainer = StochasticBMR(model, guide, optim, loss_fn, rule=rule(model))
         step = trainer.step
