@@ -16,8 +16,13 @@ elements' gradients zeroed before Adam's step. A fourth times both full steps wi
 torch's fused Adam (``fused=True``), which has no such cost. Pyro's distribution
 validation is on, as by default (``--no-validation`` turns it off for all).
 
+Then the fused-Adam comparison again on *independent* setups (each with its own
+model, guide, parameters and optimiser), timed as blocks of consecutive steps, as a
+measurement of two training loops would time them, on ``Trace_ELBO`` and on
+:class:`~pyro_bmr.CompiledTrace_ELBO`.
+
 Run: ``python benchmarks/bench_handler.py [--steps 300] [--threads N] [--device cpu]
-[--clock wall|cpu]``.
+[--clock wall|cpu] [--rounds 15] [--block 20] [--backend inductor|fx]``.
 """
 
 import argparse
@@ -82,6 +87,9 @@ def main():
     parser.add_argument(
         "--no-validation", action="store_true", help="pyro.enable_validation(False) for both"
     )
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the independent part")
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--backend", choices=("inductor", "fx"), default="inductor")
     args = parser.parse_args()
     now = _clock(args.clock)
     pyro.enable_validation(not args.no_validation)
@@ -194,6 +202,68 @@ def main():
         f"  SVI step against the plain step with the pruned gradients zeroed "
         f"({med['step', 2]:.2f} ms): ratio {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)"
     )
+    _independent(args, now, device, x, y)
+
+
+def _setup(masked, elbo, x, y, device):
+    """A model, guide and fused-Adam SVI of their own (module-local parameters, so no
+    state is shared with the other setup), half pruned at random if ``masked``."""
+    pyro.set_rng_seed(0)
+    model = LeNet300100()
+    guide = AutoNormal(model)
+    bmr = BayesianModelReduction(guide)
+    sites = bmr.sites(x, y)
+    g = torch.Generator(device=device).manual_seed(1)
+    for name, site in sites.items():
+        keep = torch.rand(site.shape, generator=g, device=device) < 0.5
+        if masked:
+            bmr.set_mask(name, keep)
+            bmr.posterior.assign(name, ~keep, torch.zeros(()), None)
+    wrap = bmr if masked else (lambda fn: fn)
+    svi = SVI(wrap(model), wrap(guide), Adam({"lr": 1e-3, "fused": True}), elbo)
+    return lambda: svi.step(x, y)
+
+
+def _independent(args, now, device, x, y):
+    """Plain and handler steps on separate parameters, timed as blocks of consecutive
+    steps: what a measurement of two training loops sees, garbage collection and
+    allocator effects included, which per-step medians leave out."""
+    from pyro_bmr import CompiledTrace_ELBO
+
+    print(
+        f"independent setups, fused Adam, blocks of {args.block} steps, "
+        f"{args.rounds} rounds (ratio of medians of block totals; of all steps' mean; "
+        "of per-step medians):"
+    )
+    with pyro.settings.context(module_local_params=True):
+        for label, make_elbo in (
+            ("Trace_ELBO", Trace_ELBO),
+            ("CompiledTrace_ELBO", lambda: CompiledTrace_ELBO(backend=args.backend)),
+        ):
+            fns = [_setup(masked, make_elbo(), x, y, device) for masked in (False, True)]
+            for fn in fns:
+                for _ in range(args.warmup):
+                    fn()
+            blocks, steps = ([], []), ([], [])
+            for round_ in range(args.rounds):
+                order = (1, 0) if round_ % 2 else (0, 1)
+                for which in order:
+                    _sync(device)
+                    start = now()
+                    for _ in range(args.block):
+                        begin = now()
+                        fns[which]()
+                        _sync(device)
+                        steps[which].append(now() - begin)
+                    blocks[which].append(now() - start)
+            block_ratio = statistics.median(blocks[1]) / statistics.median(blocks[0])
+            mean_ratio = sum(blocks[1]) / sum(blocks[0])
+            step_ratio = statistics.median(steps[1]) / statistics.median(steps[0])
+            plain_ms = 1e3 * statistics.median(blocks[0]) / args.block
+            print(
+                f"  {label:19s} plain {plain_ms:6.2f} ms/step: handler {block_ratio:.3f} "
+                f"(blocks), {mean_ratio:.3f} (mean), {step_ratio:.3f} (per-step medians)"
+            )
 
 
 if __name__ == "__main__":
