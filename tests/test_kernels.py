@@ -1,5 +1,6 @@
 """The fused kernels behind ``reduce``, checked against the plain formula."""
 
+import math
 import warnings
 
 import pyro
@@ -290,3 +291,134 @@ def test_compiled_site_threshold_is_the_rules_own_method(kernels):
     bmr.reduce()
     for name, df in plain.items():
         assert torch.equal(bmr.masks[name], rule.keep(df, torch.ones_like(df, dtype=torch.bool)))
+
+
+# -- the in-place kernels, each against an oracle written here in float64 -----------
+
+
+def _oracle_df(loc, log_scale, prior_loc, prior_scale, reduced_loc):
+    """ln q(m̃) − ln p(m̃) (Savage–Dickey) with torch.distributions, in float64."""
+    at = torch.as_tensor(reduced_loc, dtype=torch.float64)
+    q = torch.distributions.Normal(loc.double(), log_scale.double().exp())
+    p = torch.distributions.Normal(torch.as_tensor(prior_loc).double(), prior_scale)
+    return q.log_prob(at) - p.log_prob(at)
+
+
+def _spike_prune_inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(n, generator=g) * 2
+    log_scale = torch.rand(n, generator=g) * 3 - 3
+    prior_loc = torch.randn(n, generator=g) * 0.2
+    prior_scale = torch.rand(n, generator=g) + 0.5
+    old = (torch.rand(n, generator=g) < 0.7).view(torch.uint8)
+    return loc, log_scale, prior_loc, prior_scale, old
+
+
+@pytest.mark.parametrize("exact_count", [True, False], ids=["float-count", "int-count"])
+@pytest.mark.parametrize("with_old", [False, True], ids=["first", "again"])
+@pytest.mark.parametrize("compile_mode", ["1", "auto"])
+def test_spike_prune_scores_prunes_and_counts_like_the_oracle(
+    kernels, compile_mode, with_old, exact_count
+):
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    if not exact_count:  # the exact float32 count stops at 2**24 elements: go past it
+        kernels.setattr(_kernels, "_EXACT_FLOAT32_COUNT", 100)
+    n, tau, m_red = 1031, 0.25, 0.1
+    loc, log_scale, prior_loc, prior_scale, old = _spike_prune_inputs(n, seed=5)
+    old = old if with_old else None
+    before = loc.clone()
+    log_s, d_sq = spike_constants(prior_loc, prior_scale, torch.tensor(m_red), loc.shape)
+    done = _kernels.spike_prune(
+        loc, log_scale, log_s, d_sq, torch.tensor(m_red), torch.tensor(tau), old
+    )
+    if compile_mode == "auto":  # too small a site to compile for: nothing done
+        assert done is None and torch.equal(loc, before)
+        return
+    df, keep, stats = done
+    expected = _oracle_df(before, log_scale, prior_loc, prior_scale, m_red)
+    torch.testing.assert_close(df.double(), expected, rtol=1e-5, atol=1e-5)
+    was_kept = torch.ones(n, dtype=torch.bool) if old is None else old.view(torch.bool)
+    kept = (df <= tau) & was_kept
+    assert keep.dtype == torch.uint8 and torch.equal(keep.view(torch.bool), kept)
+    assert 0 < int(kept.sum()) < int(was_kept.sum())  # some pruned now, some kept
+    # pruned elements (now and before) are zeroed in place, the others untouched
+    assert torch.all(loc[~kept] == 0) and torch.equal(loc[kept], before[kept])
+    newly = was_kept & ~kept
+    assert stats.dtype == torch.float64 and stats.shape == (4,)
+    assert stats[0] == int(was_kept.sum()) and stats[1] == int(kept.sum())
+    assert stats[2].item() == pytest.approx(expected[newly].sum().item(), rel=1e-5)
+    assert stats[3] == 0  # every ΔF finite
+
+
+def test_spike_prune_leaves_a_non_finite_delta_f_to_reduce(kernels):
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    loc, log_scale, prior_loc, prior_scale, _ = _spike_prune_inputs(64, seed=6)
+    log_scale[3] = float("nan")
+    loc[5] = 50.0  # far out: ΔF very negative, kept
+    before = loc.clone()
+    log_s, d_sq = spike_constants(prior_loc, prior_scale, torch.tensor(0.0), loc.shape)
+    df, keep, stats = _kernels.spike_prune(
+        loc, log_scale, log_s, d_sq, torch.tensor(0.0), torch.tensor(0.0), None
+    )
+    assert torch.isnan(df[3]) and torch.isnan(stats[3])
+    assert loc[3] == before[3]  # not zeroed: reduce repairs and decides it from μ
+    assert keep[5] == 1 and loc[5] == 50.0
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_storage_safe_accepts_normal_scales_and_refuses_the_rest(kernels, compile_mode):
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    for dtype in (torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        low, high = math.log(info.tiny) + 1, math.log(info.max) - 1
+        loc = torch.linspace(-3, 3, 37, dtype=dtype)
+
+        def safe(loc_values, rho_values, good=loc):
+            pairs = [(good, torch.zeros_like(good))] * 2 + [(loc_values, rho_values)]
+            return bool(_kernels.storage_safe(pairs, work=1 << 30))
+
+        rho = torch.linspace(low, high, 37, dtype=dtype)  # both limits included
+        assert safe(loc, rho)
+        for value in (low - 0.01, high + 0.01, float("nan"), float("inf"), -float("inf")):
+            bad = rho.clone()
+            bad[17] = value
+            assert not safe(loc, bad), value
+        for value in (float("nan"), float("inf"), -float("inf")):
+            bad = loc.clone()
+            bad[0] = value
+            assert not safe(bad, rho), value
+        empty = torch.zeros(0, dtype=dtype)
+        assert safe(empty, empty)  # an empty site is skipped
+    assert bool(_kernels.storage_safe([]))
+
+
+@pytest.mark.parametrize("with_old", [False, True], ids=["first", "again"])
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_decide_keeps_and_counts_like_the_oracle(kernels, compile_mode, with_old):
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    g = torch.Generator().manual_seed(8)
+    df = torch.randn(777, generator=g) * 3
+    old = (torch.rand(777, generator=g) < 0.6).view(torch.uint8) if with_old else None
+    was_kept = torch.ones(777, dtype=torch.bool) if old is None else old.view(torch.bool)
+    keep, pruned, stats = _kernels.decide(df, torch.tensor(0.5), old)
+    kept = (df <= 0.5) & was_kept
+    assert torch.equal(keep.view(torch.bool), kept)
+    assert torch.equal(pruned.view(torch.bool), ~kept)
+    newly = was_kept & ~kept
+    assert stats.tolist()[:2] == [int(was_kept.sum()), int(kept.sum())]
+    assert stats[2].item() == pytest.approx(df.double()[newly].sum().item(), rel=1e-6)
+    assert stats[3] == 0
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_spike_probe_scores_like_the_oracle_and_flags_non_finite(kernels, compile_mode):
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    loc, log_scale, prior_loc, prior_scale, _ = _spike_prune_inputs(300, seed=9)
+    log_s, d_sq = spike_constants(prior_loc, prior_scale, torch.tensor(0.2), loc.shape)
+    df, probe = _kernels.spike_probe(loc, log_scale.exp(), log_s, d_sq, torch.tensor(0.2))
+    expected = _oracle_df(loc, log_scale, prior_loc, prior_scale, 0.2)
+    torch.testing.assert_close(df.double(), expected, rtol=1e-5, atol=1e-5)
+    assert probe == 0 and probe.dtype == torch.float64
+    scale = log_scale.exp()
+    scale[7] = float("nan")
+    assert torch.isnan(_kernels.spike_probe(loc, scale, log_s, d_sq, torch.tensor(0.2))[1])

@@ -83,3 +83,35 @@ def test_pending_masks_survive_a_check_that_is_too_early_then_install():
     assert set(bmr.masks) == {"w", "v"}
     assert torch.equal(bmr.masks["w"], _masks()["w"])
     assert bmr.sparsity().num_pruned == 2
+
+
+@pytest.mark.parametrize("what", ["sparsity", "masks"])
+def test_pending_masks_name_the_call_that_needs_them_checked(what):
+    bmr = BayesianModelReduction(AutoNormal(_sized_model))
+    bmr.load_state_dict({"masks": _masks()})
+    with pytest.raises(MaskError, match=rf"^{what}: the masks loaded by load_state_dict are"):
+        getattr(bmr, what)() if what == "sparsity" else bmr.masks
+
+
+def test_reset_drops_masks_still_waiting_for_their_check():
+    X, y = _data()
+    guide = AutoNormal(_sized_model)
+    bmr = BayesianModelReduction(guide)
+    bmr.load_state_dict({"masks": _masks()})
+    bmr.reset()
+    assert bmr.state_dict()["masks"] == {} and dict(bmr.masks) == {}
+    assert bmr.sparsity().num_pruned == 0
+    bmr(guide)(X, y, d=3)  # nothing left to install
+    assert dict(bmr.masks) == {}
+
+
+def test_pending_masks_survive_a_run_that_fails_then_install():
+    X, y = _data()
+    guide = AutoNormal(_sized_model)
+    bmr = BayesianModelReduction(guide)
+    bmr.load_state_dict({"masks": _masks()})
+    with pytest.raises(TypeError):
+        bmr(guide)(X, y)  # the model's keyword argument d is missing
+    assert set(bmr.state_dict()["masks"]) == {"w", "v"}  # still there
+    bmr(guide)(X, y, d=3)
+    assert torch.equal(bmr.masks["v"], _masks()["v"])
