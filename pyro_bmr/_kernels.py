@@ -175,7 +175,7 @@ def _eager_decide(df, threshold, old):
         [
             old_count,
             keep.count_nonzero().to(f64),
-            (df * float_mask(drop, df.dtype)).sum().to(f64),
+            (df * float_mask(drop, df.dtype)).sum(dtype=f64),  # as the compiled kernel
             df.sum().mul_(0).to(f64),
         ]
     )

@@ -397,17 +397,52 @@ def test_storage_safe_accepts_normal_scales_and_refuses_the_rest(kernels, compil
 def test_decide_keeps_and_counts_like_the_oracle(kernels, compile_mode, with_old):
     kernels.setenv(_kernels.ENV_VAR, compile_mode)
     g = torch.Generator().manual_seed(8)
-    df = torch.randn(777, generator=g) * 3
+    # whole numbers, many exactly at the threshold 1 (kept), and pruned ΔFs whose
+    # float32 sum loses the small ones beside them (float64 does not)
+    df = torch.randint(-3, 4, (777,), generator=g).float()
+    df[:5] = 1.0
+    df[[5, 6, 21, 38]] = torch.tensor([2.0**25, -(2.0**25), 2.0**25, -(2.0**25)])
     old = (torch.rand(777, generator=g) < 0.6).view(torch.uint8) if with_old else None
+    if old is not None:
+        old[:40] = 1
     was_kept = torch.ones(777, dtype=torch.bool) if old is None else old.view(torch.bool)
-    keep, pruned, stats = _kernels.decide(df, torch.tensor(0.5), old)
-    kept = (df <= 0.5) & was_kept
+    keep, pruned, stats = _kernels.decide(df, torch.tensor(1.0), old)
+    kept = (df <= 1.0) & was_kept
     assert torch.equal(keep.view(torch.bool), kept)
     assert torch.equal(pruned.view(torch.bool), ~kept)
     newly = was_kept & ~kept
+    assert kept[:5].all() and stats.dtype == torch.float64
     assert stats.tolist()[:2] == [int(was_kept.sum()), int(kept.sum())]
-    assert stats[2].item() == pytest.approx(df.double()[newly].sum().item(), rel=1e-6)
+    assert stats[2].item() == df.double()[newly].sum().item()  # exact: integers
     assert stats[3] == 0
+
+
+@pytest.mark.parametrize("entry", ["spike_threshold", "spike_probe", "decide", "site_threshold"])
+@pytest.mark.parametrize("first", [True, False])
+def test_a_big_reduction_compiles_its_mid_sized_sites(kernels, entry, first):
+    """In auto mode, what counts is the whole reduction's size (``work``): a site of
+    70,000 elements compiles within a reduction of 2**21, not on its own."""
+    kernels.setenv(_kernels.ENV_VAR, "auto")
+    n = 70_000
+    loc, scale = _posterior(n)
+    log_s, d_sq = spike_constants(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0))
+    old = None if first else (torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.5)
+    old = None if old is None else old.view(torch.uint8)
+    tau, m_red = torch.tensor(0.0), torch.tensor(0.0)
+    calls = {
+        "spike_threshold": lambda work: _kernels.spike_threshold(
+            loc, scale, log_s, d_sq, m_red, tau, old, work
+        ),
+        "spike_probe": lambda work: _kernels.spike_probe(loc, scale, log_s, d_sq, m_red, work),
+        "decide": lambda work: _kernels.decide(loc, tau, old, work),
+        "site_threshold": lambda work: _kernels.site_threshold(
+            SpikeAndSlabRule(), loc, None if old is None else old.view(torch.bool), work
+        ),
+    }
+    calls[entry](None)  # alone: too small to compile for
+    assert _kernels._compiled == {}
+    calls[entry](1 << 21)
+    assert len(_kernels._compiled) == 1
 
 
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
