@@ -104,11 +104,7 @@ def main():
     guide = AutoNormal(model)
     bmr = BayesianModelReduction(guide)
     sites = bmr.sites(x, y)
-    g = torch.Generator(device=device).manual_seed(1)
-    for name, site in sites.items():
-        keep = torch.rand(site.shape, generator=g, device=device) < 0.5
-        bmr.set_mask(name, keep)
-        bmr.posterior.assign(name, ~keep, torch.zeros(()), None)
+    _prune_half(bmr, sites, device)
     numel = sum(site.numel() for site in sites.values())
     pruned = 1 - sum(int(m.sum()) for m in bmr.masks.values()) / numel
 
@@ -205,6 +201,15 @@ def main():
     _independent(args, now, device, x, y)
 
 
+def _prune_half(bmr, sites, device):
+    """Mask half of every site's elements at random (a fixed draw) and zero their locs."""
+    g = torch.Generator(device=device).manual_seed(1)
+    for name, site in sites.items():
+        keep = torch.rand(site.shape, generator=g, device=device) < 0.5
+        bmr.set_mask(name, keep)
+        bmr.posterior.assign(name, ~keep, torch.zeros(()), None)
+
+
 def _setup(masked, elbo, x, y, device):
     """A model, guide and fused-Adam SVI of their own (module-local parameters, so no
     state is shared with the other setup), half pruned at random if ``masked``."""
@@ -212,13 +217,8 @@ def _setup(masked, elbo, x, y, device):
     model = LeNet300100()
     guide = AutoNormal(model)
     bmr = BayesianModelReduction(guide)
-    sites = bmr.sites(x, y)
-    g = torch.Generator(device=device).manual_seed(1)
-    for name, site in sites.items():
-        keep = torch.rand(site.shape, generator=g, device=device) < 0.5
-        if masked:
-            bmr.set_mask(name, keep)
-            bmr.posterior.assign(name, ~keep, torch.zeros(()), None)
+    if masked:
+        _prune_half(bmr, bmr.sites(x, y), device)
     wrap = bmr if masked else (lambda fn: fn)
     svi = SVI(wrap(model), wrap(guide), Adam({"lr": 1e-3, "fused": True}), elbo)
     return lambda: svi.step(x, y)
