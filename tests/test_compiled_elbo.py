@@ -51,6 +51,20 @@ def _losses_and_grads(elbo, model, guide, args, calls=4, seed=1):
     return out
 
 
+def _assert_replays_the_plain_elbo(model, guide, args, losses_only=False):
+    """The fx-backend compiled ELBO captures a step and gives Trace_ELBO's losses
+    (and gradients) for the same seed."""
+    elbo = CompiledTrace_ELBO(backend="fx")
+    got = _losses_and_grads(elbo, model, guide, args)
+    expected = _losses_and_grads(Trace_ELBO(), model, guide, args)
+    assert any(isinstance(v, _Step) for v in elbo.compiled.values())
+    for (loss, grads), (loss0, grads0) in zip(got, expected):
+        assert loss == pytest.approx(loss0, rel=1e-6)
+        if not losses_only:
+            for name in grads:
+                torch.testing.assert_close(grads[name], grads0[name], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("guide_kind", ["auto", "mean-field", "local"])
 @pytest.mark.parametrize("compiled, plain", [
     (CompiledTrace_ELBO, Trace_ELBO),
@@ -96,14 +110,7 @@ def test_horseshoe_model_agrees():
     """Tiered-FF's hierarchical prior gets the same treatment."""
     model, guide, _, args = _classifier("auto", prior=LayerHorseshoePrior())
     guide(*args)
-    elbo = CompiledTrace_ELBO(backend="fx")
-    got = _losses_and_grads(elbo, model, guide, args)
-    expected = _losses_and_grads(Trace_ELBO(), model, guide, args)
-    assert any(isinstance(v, _Step) for v in elbo.compiled.values())
-    for (loss, grads), (loss0, grads0) in zip(got, expected):
-        assert loss == pytest.approx(loss0, rel=1e-6)
-        for name in grads:
-            torch.testing.assert_close(grads[name], grads0[name], rtol=1e-6, atol=1e-6)
+    _assert_replays_the_plain_elbo(model, guide, args)
 
 
 def _train(loss, steps=30, epochs=3):
@@ -223,12 +230,8 @@ def test_subsampled_plates_and_pyro_modules_agree():
     X, y = torch.randn(300, 5), torch.randn(300)
     guide = AutoNormal(subsampled_model)
     guide(X, y)
-    elbo = CompiledTrace_ELBO(backend="fx")
-    got = _losses_and_grads(elbo, subsampled_model, guide, (X, y))
-    expected = _losses_and_grads(Trace_ELBO(), subsampled_model, guide, (X, y))
-    assert any(isinstance(v, _Step) for v in elbo.compiled.values())
-    for (loss, _), (loss0, _) in zip(got, expected):
-        assert loss == pytest.approx(loss0, rel=1e-6)  # the same random subsample too
+    # the same random subsample too
+    _assert_replays_the_plain_elbo(subsampled_model, guide, (X, y), losses_only=True)
     pyro.clear_param_store()
     # PyroSample priors built while validation is on check every value they score
     with pyro.validation_enabled(True):
@@ -236,12 +239,7 @@ def test_subsampled_plates_and_pyro_modules_agree():
     x, labels = torch.randn(20, 4), torch.randint(0, 3, (20,))
     guide = AutoNormal(net)
     guide(x, labels)
-    elbo = CompiledTrace_ELBO(backend="fx")
-    got = _losses_and_grads(elbo, net, guide, (x, labels))
-    expected = _losses_and_grads(Trace_ELBO(), net, guide, (x, labels))
-    assert any(isinstance(v, _Step) for v in elbo.compiled.values())
-    for (loss, _), (loss0, _) in zip(got, expected):
-        assert loss == pytest.approx(loss0, rel=1e-6)
+    _assert_replays_the_plain_elbo(net, guide, (x, labels), losses_only=True)
 
 
 def test_the_models_python_runs_only_when_capturing():
