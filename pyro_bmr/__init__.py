@@ -3,7 +3,8 @@
 The data path, one module per stage: trace the model and find its Gaussian sites
 (:mod:`pyro_bmr.sites`), read the guide's mean-field posterior
 (:mod:`pyro_bmr.posteriors`), score reduced models in closed form
-(:mod:`pyro_bmr.free_energy`), decide (:mod:`pyro_bmr.rules`), keep the masks
+(:mod:`pyro_bmr.free_energy`), decide (:mod:`pyro_bmr.rules`; whole units by
+:mod:`pyro_bmr.groups`), keep the masks
 (:mod:`pyro_bmr.reduction`) and apply them with an effect handler
 (:mod:`pyro_bmr.poutine`), and train with reductions between epochs
 (:mod:`pyro_bmr.stochastic`), on an ELBO whose step is captured and compiled

@@ -7,7 +7,7 @@ once. The rare paths (bad input, a ΔF out of the dtype's range, a rule that is 
 threshold) are sorted out there and in :meth:`Scoring.decide`.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from pyro_bmr._masks import check_mask, float_mask
 from pyro_bmr._tensors import as_tensors
 from pyro_bmr.correlated_posteriors import CorrelatedPosterior
 from pyro_bmr.free_energy import _direct, _repair, spike_constants
+from pyro_bmr.groups import UnitGroup, check_groups, joint_delta_f, prune_units, summed_delta_f
 from pyro_bmr.joint_selection import JointReduction, reduce_jointly
 from pyro_bmr.posteriors import MeanFieldPosterior
 from pyro_bmr.rules import PruningRule
@@ -242,6 +243,38 @@ class Scoring:
         if old is None:
             old = torch.ones(site.shape, dtype=torch.bool, device=df.device)
         site.replace_keep(self.rule.keep(df, old) if self.rule.prunes(site.name) else old)
+
+    def prune_units(
+        self,
+        groups: Sequence[UnitGroup],
+        rule: PruningRule,
+        scored: list["Scored"],
+        sites: Mapping[str, GaussianSite],
+    ) -> None:
+        """The structured step, after the elements' decisions: ``rule`` decides on
+        the units of ``groups`` (:func:`~pyro_bmr.groups.prune_units`), whose
+        elements then take the place of the sites' decisions."""
+        by_name = {site.name: site for site in scored}
+        check_groups(groups, {name: site.shape for name, site in by_name.items()})
+        touched = {name for group in groups for name in group.sites}
+        if isinstance(self.posterior, CorrelatedPosterior):
+            joint, layout = self.posterior.joint(), self.posterior.layout()
+            m, s = torch.zeros_like(joint.loc), torch.ones_like(joint.loc)
+            for name, site in sites.items():
+                part, shape = layout[name]
+                m[part] = site.prior_loc.to(m).expand(shape).reshape(-1)
+                s[part] = site.prior_scale.to(s).expand(shape).reshape(-1)
+            unit_delta_f = joint_delta_f(joint, layout, m, s, self.reduced_loc)
+        else:
+            delta_f = {name: by_name[name].df.view(by_name[name].shape) for name in touched}
+            unit_delta_f = summed_delta_f(delta_f)
+        masks = {name: by_name[name].keep for name in touched}
+        masks = prune_units(groups, rule, unit_delta_f, dict(masks))
+        for name in touched:
+            site = by_name[name]
+            if masks[name] is not site.keep:
+                site.replace_keep(masks[name])
+                site.zeroed = False  # the locs of the units' elements are zeroed too
 
     def decide_jointly(
         self, scored: list["Scored"], sites: Mapping[str, GaussianSite]

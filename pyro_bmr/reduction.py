@@ -12,6 +12,7 @@ from pyro_bmr import _pyro_compat
 from pyro_bmr._masks import MaskError, MaskView, check_mask
 from pyro_bmr._scoring import Scoring
 from pyro_bmr.correlated_posteriors import CorrelatedPosterior
+from pyro_bmr.groups import UnitCount, UnitGroup, unit_counts
 from pyro_bmr.posteriors import MeanFieldPosterior, mean_field_posterior
 from pyro_bmr.poutine.prune_messenger import PruneMessenger
 from pyro_bmr.report import ReductionReport, Sparsity, sparsity
@@ -76,6 +77,15 @@ class BayesianModelReduction:
         and adding elements, in the order of their own ΔF, against the joint ΔF
         (:func:`~pyro_bmr.joint_selection.select_greedily`; :math:`O(n^3)` for
         :math:`n` elements). Needs ``reduced_scale=0``. ``None``: the rule decides.
+    :param groups: :class:`~pyro_bmr.groups.UnitGroup` s (neurons, channels, heads;
+        :func:`pyro_bmr.nn.unit_groups` derives them from a network): after the
+        elements, ``rule`` decides on each group's units by their ΔF, a unit pruned
+        whole, and the inputs that a dead unit fed pruned with it (see
+        :mod:`pyro_bmr.groups`). List them from input to output. A unit's ΔF is
+        the sum of its elements' under a mean-field guide, and that of pruning them
+        together under a correlated one.
+    :param bool prune_elements: with ``groups``, also prune single elements of the
+        sites the groups touch (default); ``False`` prunes them by units only.
     :param model: the model; defaults to ``guide.model``.
     """
 
@@ -90,6 +100,8 @@ class BayesianModelReduction:
         update_posterior: bool = False,
         local_latents: bool = False,
         joint: str | None = None,
+        groups: Iterable[UnitGroup] | None = None,
+        prune_elements: bool = True,
         model: Callable | None = None,
     ) -> None:
         if rule is None:
@@ -114,6 +126,16 @@ class BayesianModelReduction:
                 f"AutoLowRankMultivariateNormal, here {type(guide).__name__}): under a "
                 "mean-field guide the ΔF of a set is the sum of its elements'"
             )
+        self.groups: tuple[UnitGroup, ...] = () if groups is None else tuple(groups)
+        for group in self.groups:
+            if not isinstance(group, UnitGroup):
+                raise TypeError(f"groups must be UnitGroup s, got {type(group).__name__}")
+        if self.groups and (joint is not None or reduced_scale != 0):
+            raise ValueError(
+                f"groups prune units to the point mass (reduced_scale=0, here {reduced_scale}) "
+                f"as the rule decides (joint=None, here {joint!r})"
+            )
+        self.prune_elements = bool(prune_elements)
         self.guide = guide
         self.rule = rule
         self.requested_sites = None if sites is None else list(sites)
@@ -274,10 +296,13 @@ class BayesianModelReduction:
 
     def _scoring(self, work: int) -> Scoring:
         """What scores one reduction of ``work`` elements with the current settings."""
+        rule = self.rule
+        if not self.prune_elements:
+            rule = rule.excluding(site for group in self.groups for site in group.sites)
         return Scoring(
             self.posterior,
             self._masks,
-            self.rule,
+            rule,
             reduced_loc=self.reduced_loc,
             reduced_scale=self.reduced_scale,
             update_posterior=self.update_posterior,
@@ -322,6 +347,8 @@ class BayesianModelReduction:
         if pending:
             for site, stats in zip(pending, torch.stack([s.stats for s in pending]).cpu()):
                 site.stats = stats
+        if self.groups:  # before the joint set is scored, which then includes the units
+            scoring.prune_units(self.groups, self.rule, scored, sites)
         joint = scoring.decide_jointly(scored, sites)  # None for a mean-field guide
 
         report_df, newly, pruned, gained = {}, 0, 0, 0.0
@@ -349,7 +376,13 @@ class BayesianModelReduction:
             total_delta_f=gained,
             skipped=dict(self._skipped),
             joint_delta_f=None if joint is None else float(joint.delta_f),
+            units=self.units(),
         )
+
+    def units(self) -> dict[str, UnitCount]:
+        """Units kept per group (see ``groups``), under the current masks."""
+        self._require_validated("units")
+        return unit_counts(self.groups, self._masks)
 
     def _warn_if_untrained(self, sites: dict[str, GaussianSite]) -> None:
         """Warn where every scale of every site still has one value, as a guide has

@@ -80,6 +80,9 @@ class ReductionReport:
         evidence gained by this reduction where they are independent (ΔF adds up over
         independent elements).
     :ivar dict skipped: latent site name → why it was not reduced.
+    :ivar dict units: unit group name → :class:`~pyro_bmr.groups.UnitCount`, the
+        units each group kept, for a structured reduction (see
+        :class:`~pyro_bmr.groups.UnitGroup`); empty otherwise.
     :ivar joint_delta_f: for a guide with correlations, the evidence gained by this
         reduction: the ΔF of pruning the newly pruned elements together, from their
         joint posterior (which ``total_delta_f`` is not); ``None`` for a mean-field
@@ -93,6 +96,7 @@ class ReductionReport:
     total_delta_f: float
     skipped: dict[str, str] = field(default_factory=dict)
     joint_delta_f: float | None = None
+    units: dict = field(default_factory=dict)
 
     @property
     def pruned_fraction(self) -> float:
@@ -106,5 +110,6 @@ class ReductionReport:
             f"ΔF gained {self.total_delta_f:.4g}"
             + ("" if self.joint_delta_f is None else f" (jointly {self.joint_delta_f:.4g})")
         ]
+        lines += [f"  {name}: kept {c.kept}/{c.total} units" for name, c in self.units.items()]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)

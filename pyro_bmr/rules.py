@@ -6,6 +6,7 @@ called once per site (in the spirit of ``torch.nn.utils.prune``'s
 model, the guide or the host (no ``.item()``), so a reduction stays on the device.
 """
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
 
@@ -59,6 +60,13 @@ class PruningRule(ABC):
         if exclude is None:
             return True
         return not (exclude(site) if callable(exclude) else site in exclude)
+
+    def excluding(self, sites: Iterable[str]) -> "PruningRule":
+        """A copy of the rule that also leaves ``sites`` alone."""
+        more, rule = frozenset(sites), copy.copy(self)
+        if more:
+            rule.exclude = lambda site: site in more or not self.prunes(site)
+        return rule
 
     def group(self, site: str) -> Hashable:
         """The group whose sites share one :meth:`site_threshold` (see ``groups``)."""

@@ -316,3 +316,12 @@ def test_a_rule_asked_through_keep_never_unprunes_and_respects_exclusion():
     assert (~first).sum() == 20 and bmr.masks["b"].all()
     bmr.reduce()  # the rule now keeps everything: what was pruned stays pruned
     assert torch.equal(bmr.masks["a"], first) and bmr.masks["b"].all()
+
+
+def test_excluding_leaves_more_sites_alone_and_keeps_the_rule():
+    rule = ThresholdRule(0.5, exclude=["a"])
+    wider = rule.excluding(["b"])
+    assert type(wider) is ThresholdRule and wider.threshold == 0.5
+    assert [wider.prunes(s) for s in "abc"] == [False, False, True]
+    assert [rule.prunes(s) for s in "abc"] == [False, True, True]  # the original unchanged
+    assert rule.excluding([]).prunes("b")
