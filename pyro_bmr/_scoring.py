@@ -252,8 +252,8 @@ class Scoring:
         sites: Mapping[str, GaussianSite],
     ) -> None:
         """The structured step, after the elements' decisions: ``rule`` decides on
-        the units of ``groups`` (:func:`~pyro_bmr.groups.prune_units`), whose
-        elements then take the place of the sites' decisions."""
+        the units of ``groups`` (:func:`~pyro_bmr.groups.prune_units`) as they were
+        before the reduction, and the sites' decisions lose the pruned units."""
         by_name = {site.name: site for site in scored}
         check_groups(groups, {name: site.shape for name, site in by_name.items()})
         touched = {name for group in groups for name in group.sites}
@@ -269,7 +269,12 @@ class Scoring:
             delta_f = {name: by_name[name].df.view(by_name[name].shape) for name in touched}
             unit_delta_f = summed_delta_f(delta_f)
         masks = {name: by_name[name].keep for name in touched}
-        masks = prune_units(groups, rule, unit_delta_f, dict(masks))
+        before = {name: by_name[name].old for name in touched}
+        before = {
+            name: torch.ones_like(masks[name]) if old is None else old
+            for name, old in before.items()
+        }
+        masks = prune_units(groups, rule, unit_delta_f, dict(masks), before)
         for name in touched:
             site = by_name[name]
             if masks[name] is not site.keep:

@@ -265,13 +265,16 @@ def prune_units(
     rule: PruningRule,
     unit_delta_f: UnitDeltaF,
     masks: dict[str, torch.Tensor],
+    before: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One structured reduction: each group's units decided by ``rule`` on their ΔF,
     then dead units' readers pruned.
 
-    Groups are taken in order, each seeing the masks the ones before it left (list
-    them from input to output, so that a unit left dead by pruned inputs is dead
-    when its own group is decided). A group the rule excludes (``exclude`` names
+    The units are scored in the model as it was before the reduction (``before``):
+    a unit's ΔF counts the elements that the same reduction prunes one by one, as
+    pruning the unit would. Groups are taken in order, each seeing what the ones
+    before it pruned (list them from input to output, so that a unit whose inputs
+    died is scored without them). A group the rule excludes (``exclude`` names
     the group) is only cut by propagation.
 
     :param groups: checked unit groups (:func:`check_groups`).
@@ -279,24 +282,29 @@ def prune_units(
     :param unit_delta_f: the units' ΔF (:func:`summed_delta_f` for a mean-field
         posterior).
     :param masks: site name → bool mask (True = kept) of every site the groups
-        touch; updated in place (new tensors) and returned.
+        touch, after the elements' decisions; updated in place (new tensors).
+    :param before: the same masks before the reduction; default ``masks``.
     :returns: ``masks``.
     """
+    scoring = dict(masks if before is None else before)
     for group in groups:
         first = group.members[0]
         num_units = first.num_units(masks[first.site].shape)
-        alive = _alive(group, masks, num_units)
         if rule.prunes(group.name):
-            unit_df = unit_delta_f(group, masks, num_units)
+            alive = _alive(group, scoring, num_units)
+            unit_df = unit_delta_f(group, scoring, num_units)
             # a NaN unit (opposite infinities in it) is kept: no evidence for either
             unit_df = torch.where(unit_df.isnan(), -torch.inf, unit_df)
-            alive = alive & rule.keep(unit_df, alive)
+            keep = alive & rule.keep(unit_df, alive)
             for member in group.members:
-                masks[member.site] = masks[member.site] & member.expand(
-                    alive, masks[member.site].shape
-                )
+                cut = member.expand(keep, masks[member.site].shape)
+                masks[member.site] = masks[member.site] & cut
+                scoring[member.site] = scoring[member.site] & cut
+        alive = _alive(group, masks, num_units)  # dead by units or by all their elements
         for reader in group.readers:
-            masks[reader.site] = masks[reader.site] & reader.expand(alive, masks[reader.site].shape)
+            cut = reader.expand(alive, masks[reader.site].shape)
+            masks[reader.site] = masks[reader.site] & cut
+            scoring[reader.site] = scoring[reader.site] & cut
     return masks
 
 

@@ -111,19 +111,25 @@ def test_threshold_decides_on_the_unit_sum_not_on_elements():
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 2.5])
-def test_elements_first_then_units_on_what_is_left(threshold):
+def test_units_scored_as_before_the_reduction_then_elements(threshold):
     locs, scales = _posterior(2)
     guide = _fitted_guide(locs, scales)
     df = {n: _element_df(locs[n], scales[n], PRIOR_SCALE[n]) for n in locs}
     element_keep = {n: d <= threshold for n, d in df.items()}
-    unit = (df["w1"] * element_keep["w1"]).sum(1) + df["b1"] * element_keep["b1"]
-    unit_keep = (unit <= threshold) & (element_keep["w1"].any(1) | element_keep["b1"])
+    # a unit's ΔF counts every element, also those pruned one by one now
+    unit_keep = _unit_df(locs, scales) <= threshold
+    alive = unit_keep & (element_keep["w1"].any(1) | element_keep["b1"])
     bmr = BayesianModelReduction(guide, ThresholdRule(threshold), groups=[HIDDEN])
     bmr.reduce(X, Y)
     masks = bmr.masks
     assert torch.equal(masks["w1"], element_keep["w1"] & unit_keep[:, None])
     assert torch.equal(masks["b1"], element_keep["b1"] & unit_keep)
-    assert torch.equal(masks["w2"], element_keep["w2"] & unit_keep[None, :])
+    assert torch.equal(masks["w2"], element_keep["w2"] & alive[None, :])
+    # a second reduction scores the units on the elements kept by the first
+    df_left = {n: torch.where(masks[n], df[n], torch.zeros_like(df[n])) for n in df}
+    unit_left = df_left["w1"].sum(1) + df_left["b1"]
+    bmr.reduce(X, Y)
+    assert torch.equal(bmr.masks["b1"], masks["b1"] & (unit_left <= threshold))
 
 
 def test_spike_and_slab_learns_one_keep_probability_per_group():
