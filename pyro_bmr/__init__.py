@@ -11,7 +11,8 @@ The data path, one module per stage: trace the model and find its Gaussian sites
 (:mod:`pyro_bmr.compiled_elbo`). :mod:`pyro_bmr.guides` holds a lean mean-field guide
 for Bayesian networks, :mod:`pyro_bmr.nn` makes any ``torch.nn.Module`` Bayesian,
 and :mod:`pyro_bmr.deterministic` turns a reduced network into a plain, smaller
-``torch.nn.Module``.
+``torch.nn.Module``, removing the units it no longer uses
+(:mod:`pyro_bmr.unit_removal`).
 
 The paper's comparison (its four methods, networks, data, metrics, figures and
 the ``pyro-bmr`` command) is an application of the library, in
@@ -30,6 +31,7 @@ from pyro_bmr.report import ReductionReport, Sparsity
 from pyro_bmr.rules import PruningRule, SpikeAndSlabRule, ThresholdRule
 from pyro_bmr.sites import GaussianSite, find_gaussian_sites
 from pyro_bmr.stochastic import StochasticBMR
+from pyro_bmr.unit_removal import shrink
 
 __version__ = "0.1.0"
 
@@ -55,4 +57,5 @@ __all__ = [
     "make_guide",
     "poutine",
     "register_posterior",
+    "shrink",
 ]

@@ -4,9 +4,12 @@
 (pruned elements at exactly zero), copies the network with those values as
 ordinary parameters and turns every ``PyroModule[...]`` back into the ``torch.nn``
 class it was converted from; a ``PyroModule`` subclass of the user's own keeps its
-class and ``forward`` but samples none of its attributes any more. Chains of
-``Linear`` layers with elementwise activations between them (MLPs such as
-LeNet-300-100) are then compressed into one :class:`LinearChain`:
+class and ``forward`` but samples none of its attributes any more. Units that do
+nothing (neurons, convolution channels, attention heads whose weights a structured
+reduction zeroed) are then removed by :func:`~pyro_bmr.unit_removal.shrink`, which
+makes those layers smaller dense layers, and chains of ``Linear`` layers with
+elementwise activations between them (MLPs such as LeNet-300-100) are compressed
+into one :class:`LinearChain`:
 
 * a hidden unit whose incoming weights are all zero outputs the constant
   :math:`a = \\phi(b)`; it is removed and :math:`W_{:,i}\\,a` is added to the next
@@ -31,6 +34,7 @@ from torch import nn
 from torch.distributions import transform_to
 
 from pyro_bmr import _pyro_compat
+from pyro_bmr.unit_removal import shrink
 
 __all__ = [
     "LinearChain",
@@ -122,7 +126,10 @@ def export(
     names the sites it samples if its output changes from one call to the next.
 
     The copy, in ``eval`` mode, computes what the reduced model computes with every
-    weight at its posterior mean. With ``compress``, chains of linear layers in
+    weight at its posterior mean. With ``compress``, the units that a structured
+    reduction pruned are removed (:func:`~pyro_bmr.unit_removal.shrink`): layers
+    keep their ``torch.nn`` classes with fewer output features, channels or heads,
+    and the next layers fewer inputs; then chains of linear layers in
     ``nn.Sequential`` containers are replaced by :class:`LinearChain` s without
     their dead units.
 
@@ -138,8 +145,8 @@ def export(
         non-zero weights (and at least :data:`SPARSE_MIN_SIZE` elements, or
         :data:`SPARSE_MIN_SIZE_SINGLE` for one example) use ``torch.sparse`` CSR
         kernels; 0 never does.
-    :param bool compress: compress linear chains (default); without it the copy has
-        the network's exact structure.
+    :param bool compress: remove dead units and compress linear chains (default);
+        without it the copy has the network's exact structure and sizes.
     :returns: a ``torch.nn.Module`` on the guide's device: a plain one, or your own
         ``PyroModule`` class with plain parameters.
     :raises TypeError: if ``module`` is not a ``PyroModule``, or contains a
@@ -164,7 +171,7 @@ def export(
         trace = poutine.trace(poutine.condition(model, data=means)).get_trace(*args, **kwargs)
     plain = _plain_copy(module, trace)
     if compress:
-        plain = _compress(plain, sparse_density)
+        plain = _compress(shrink(plain, inplace=True).network, sparse_density)
     plain.eval()
     if module is model:
         _warn_if_random(plain, args, kwargs)

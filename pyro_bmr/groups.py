@@ -28,6 +28,7 @@ too ("dead units propagate").
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -152,12 +153,11 @@ class UnitGroup:
         return tuple(dict.fromkeys(m.site for m in self.members + self.readers))
 
 
-@dataclass(frozen=True)
-class UnitCount:
-    """Units of one group kept after a reduction.
+class UnitCount(NamedTuple):
+    """Units of one layer kept after a reduction (or an export).
 
     :ivar int kept: units with at least one element kept.
-    :ivar int total: units in the group.
+    :ivar int total: units in the layer.
     """
 
     kept: int
