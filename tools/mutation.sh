@@ -4,6 +4,8 @@
 #
 #   tools/mutation.sh                       # the six core modules
 #   tools/mutation.sh pyro_bmr/rules.py     # some of them
+#   MUTMUT_TESTS="tests/test_free_energy.py tests/test_kernels.py" tools/mutation.sh ...
+#                                           # mutants judged by these tests only
 #
 # It works on a copy of the working tree in a temporary directory (mutmut rewrites
 # the sources it mutates), prints the count per outcome, then every survivor with
@@ -38,7 +40,7 @@ cd "$work"
     echo "    --ignore=$skip"
   done
   echo "pytest_add_cli_args_test_selection ="
-  echo "    tests"
+  for t in ${MUTMUT_TESTS:-tests}; do echo "    $t"; done
   echo "process_isolation = forkserver"
 } >> setup.cfg
 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" || true
