@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pyro_bmr._masks import MaskView
+from pyro_bmr._masks import MaskError, MaskView
 from pyro_bmr.horseshoe_fit import (
     HorseshoeFit,
     HorseshoeModel,
@@ -210,6 +210,43 @@ class HorseshoeReduction:
             values = {n: v for n, v in values.items() if not sites[n].local}
             sites = read_priors(self.model, sites, values, *args, **kwargs)
         return sites
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks and the prior's factors :attr:`scales`, as plain tensors
+        (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "masks": self.bmr.state_dict()["masks"],
+            "scales": {name: scale.clone() for name, scale in self._scales.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved: the masks (checked as
+        :meth:`BayesianModelReduction.load_state_dict
+        <pyro_bmr.BayesianModelReduction.load_state_dict>` checks them) and the
+        factors, placed on the masks' device (where the masks cannot be checked yet,
+        they wait for the model's arguments, and the factors stay where they were
+        loaded).
+
+        :raises ValueError: naming the site, for a mask that does not fit or a factor
+            that is not a non-negative, finite floating-point tensor; nothing is
+            changed then.
+        """
+        scales = state.get("scales") if isinstance(state, Mapping) else None
+        if not isinstance(scales, Mapping):
+            raise ValueError(
+                "state must be a dict with 'masks' and 'scales', as state_dict() returns"
+            )
+        checked = PriorScaleMessenger(scales).scales  # checks each factor, naming its site
+        self.bmr.load_state_dict({"masks": state["masks"]})
+        try:
+            devices = {name: mask.device for name, mask in self.bmr.masks.items()}
+        except MaskError:  # the masks wait for the model's arguments: so do the devices
+            devices = {}
+        self._scales = {
+            name: factor.to(devices.get(name, factor.device), copy=True)
+            for name, factor in checked.items()
+        }
+        self._refresh()
 
     def _excluded(self, name: str) -> bool:
         if self.exclude is None:

@@ -1,5 +1,6 @@
 import functools
 
+import pyro
 import pytest
 import torch
 from pyro.infer import JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -162,3 +163,136 @@ def test_fit_counts_epochs_and_steps_exactly(sparse_regression):
     other = StochasticBMR(model, guide, Adam({"lr": 0.05}), bmr=bmr)
     other.fit(batches[:2], progress=False)
     assert other.bmr is bmr and set(bmr.masks) == {"w"}
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+
+def _trainer(seed=0, **kwargs):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = AutoNormal(regression_model)
+    return StochasticBMR(regression_model, guide, Adam({"lr": 0.05}), **kwargs)
+
+
+def _run(X, y, epochs, *, resume=None, checkpoint=None, prepare=False):
+    trainer = _trainer()
+    # a loader that shuffles with the global generator: its order must resume too
+    loader = DataLoader(TensorDataset(X, y), batch_size=100, shuffle=True)
+    if prepare:  # the guide's parameters exist before loading
+        trainer.guide(X, y)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    trainer.fit(loader, epochs - trainer.epochs_done, progress=False, checkpoint=checkpoint)
+    params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+    return trainer, params
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["fresh", "guide-run-first"])
+def test_a_resumed_run_is_the_uninterrupted_run(prepare, sparse_regression, tmp_path):
+    X, y, _ = sparse_regression
+    full, full_params = _run(X, y, 4)
+    path = tmp_path / "run.pt"
+    _run(X, y, 2, checkpoint=path)
+    resumed, params = _run(X, y, 4, resume=path, prepare=prepare)
+    assert resumed.epochs_done == 4 and resumed.history == full.history
+    assert params.keys() == full_params.keys()
+    for name, value in params.items():
+        assert torch.equal(value, full_params[name]), name
+    assert torch.equal(resumed.bmr.masks["w"], full.bmr.masks["w"])
+    assert (~full.bmr.masks["w"]).sum() >= 40
+
+
+def test_a_checkpoint_holds_tensors_and_plain_values(sparse_regression, tmp_path):
+    X, y, _ = sparse_regression
+    trainer, _ = _run(X, y, 1)
+    path = tmp_path / "sub" / "run.pt"
+    assert trainer.save_checkpoint(path) == path
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "pyro_bmr.StochasticBMR" and state["epochs_done"] == 1
+    assert set(state["params"]) == {"AutoNormal.locs.w", "AutoNormal.scales.w"}
+    assert set(state["optim"]) == set(state["params"])
+    assert torch.equal(state["bmr"]["masks"]["w"], trainer.bmr.masks["w"])
+    assert state["history"] == trainer.history and state["world_size"] == 1
+    assert {"torch", "random", "numpy"} <= set(state["rng"])
+    assert [p.name for p in path.parent.iterdir()] == ["run.pt"]  # no temporary file
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(sparse_regression, tmp_path, monkeypatch):
+    X, y, _ = sparse_regression
+    trainer, _ = _run(X, y, 1)
+    path = tmp_path / "run.pt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    def broken_save(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    trainer.epochs_done += 1
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_only_rank_0_writes(sparse_regression, tmp_path, monkeypatch):
+    import pyro_bmr.stochastic as stochastic
+
+    X, y, _ = sparse_regression
+    trainer, _ = _run(X, y, 1)
+    monkeypatch.setattr(stochastic, "world", lambda group=None: (1, 2))
+    assert trainer.save_checkpoint(tmp_path / "run.pt") is None
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_bad_checkpoints_are_clear_errors(sparse_regression, tmp_path):
+    from pyro_bmr.stochastic import CheckpointError
+
+    X, y, _ = sparse_regression
+    trainer, _ = _run(X, y, 1)
+    good = tmp_path / "good.pt"
+    trainer.save_checkpoint(good)
+    state = torch.load(good, weights_only=True)
+
+    def written(name, content):
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        return path
+
+    cases = [
+        (written("garbage.pt", b"not a checkpoint"), "garbage.pt' cannot be read"),
+        (written("cut.pt", good.read_bytes()[:2000]), "cut.pt' cannot be read.*cut short"),
+        (written("list.pt", [1, 2]), "list.pt' is not a checkpoint of StochasticBMR"),
+        (written("other.pt", {"format": "x"}), "its format entry is 'x'"),
+        (written("newer.pt", {**state, "version": 99}), "layout version 99; .* upgrade"),
+        (written("no-optim.pt", {k: v for k, v in state.items() if k != "optim"}), "'optim'"),
+        (written("bad-rng.pt", {**state, "rng": {}}), "entry 'rng' should hold"),
+        (written("object.pt", {**state, "extra": functools.partial(int)}), "more than tensors"),
+    ]
+    for path, match in cases:
+        with pytest.raises(CheckpointError, match=match):
+            _trainer().load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        _trainer().load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is not a file"):
+        _trainer().load_checkpoint(tmp_path)
+
+    # a checkpoint of another model: its parameters do not fit, named with the file
+    wrong = {**state, "params": {**state["params"]}}
+    wrong["params"]["AutoNormal.locs.w"] = torch.zeros(7)
+    path = written("shape.pt", wrong)
+    trainer = _trainer()
+    trainer.load_checkpoint(path)
+    with pytest.raises(
+        CheckpointError, match=r"shape.pt'.*'AutoNormal.locs.w' is .*\(7,\).*\(50,\)"
+    ):
+        trainer.fit([(X, y)], progress=False)
+    extra = {**state, "params": {**state["params"], "other.loc": torch.zeros(2)}}
+    trainer = _trainer()
+    trainer.load_checkpoint(written("extra.pt", extra))
+    with pytest.raises(CheckpointError, match=r"\['other.loc'\], which the model and guide"):
+        trainer.step(X, y)
