@@ -6,19 +6,27 @@ and writes ``results.json`` and the four figures with
 :func:`~pyro_bmr.paper.experiments.write_outputs`. Bad options end in a one-line usage
 error (exit code 2), a missing data set in a message that names the expected
 files (exit code 1); neither prints a traceback.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m pyro_bmr run ...``) the command
+trains data-parallel: it starts the process group from torchrun's environment
+(:func:`~pyro_bmr.distributed.init_from_environment`: gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``), each process trains on its shard of every global batch of
+``--batch-size`` examples, and only rank 0 shows progress, prints and writes.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from pyro_bmr import distributed
 from pyro_bmr.compiled_elbo import BACKENDS
 from pyro_bmr.guides import GUIDES
 from pyro_bmr.paper.methods import OPTIMIZERS
 
-from .data import DATASETS, DEFAULT_DATA_DIR, DatasetNotFoundError, load_dataset
+from .data import DATASETS, DEFAULT_DATA_DIR, DatasetNotFoundError, DatasetSplits, load_dataset
 from .experiments import (
     DEFAULTS,
     OUTPUT_FILES,
@@ -29,7 +37,7 @@ from .experiments import (
 )
 from .methods import EXTRA_METHODS, METHODS
 from .networks import NETWORKS
-from .preset import PAPER_DATASETS, PAPER_NETWORKS, PRESETS
+from .preset import PAPER_DATASETS, PAPER_NETWORKS, PRESETS, paper_preset
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +54,11 @@ Methods: flat-map (Gaussian prior, MAP), flat-ff (Gaussian prior, fully factoris
 posterior), tiered-ff (regularised horseshoe prior), bmr (stochastic Bayesian model
 reduction with the spike-and-slab rule); beyond the paper's four, bmr-rhs (bmr's model
 reduced by a regularised horseshoe fitted post hoc). With no options the comparison runs on
-scikit-learn's 8x8 digits, which needs no download, in under a minute on two CPU cores."""
+scikit-learn's 8x8 digits, which needs no download, in under a minute on two CPU cores.
+
+Started by torchrun (torchrun --nproc-per-node N -m pyro_bmr run ...), it trains
+data-parallel on N processes (CPU, gloo; or one GPU each, NCCL): --batch-size is the global
+batch, divided among them, and only rank 0 prints and writes."""
 
 
 def _positive_int(text: str) -> int:
@@ -158,7 +170,8 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=_positive_int,
         default=None,
-        help=f"training batch size (default: {DEFAULTS['batch_size']}; paper: 120)",
+        help=f"training batch size; under torchrun the global batch, divided among the "
+        f"processes (default: {DEFAULTS['batch_size']}; paper: 120)",
     )
     train.add_argument(
         "--lr",
@@ -301,6 +314,29 @@ def _check_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda requested, but CUDA is not available")
+    processes = _world_size(parser)
+    batch_size = args.batch_size
+    if batch_size is None:
+        preset = paper_preset(args.dataset, args.model) if args.preset == "paper" else None
+        batch_size = preset.batch_size if preset else DEFAULTS["batch_size"]
+    if batch_size % processes:
+        given = "" if args.batch_size else f" (the {args.preset} preset's)"
+        parser.error(
+            f"argument --batch-size: the global batch of {batch_size}{given} does not divide "
+            f"among the {processes} processes torchrun started; give a multiple of {processes}"
+        )
+
+
+def _world_size(parser: argparse.ArgumentParser) -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without it)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        parser.error(f"environment variable WORLD_SIZE must be a positive integer, got {text!r}")
+    return size
 
 
 def _reduction(args: argparse.Namespace) -> dict[str, int] | None:
@@ -312,18 +348,24 @@ def _reduction(args: argparse.Namespace) -> dict[str, int] | None:
 
 def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    parallel = _world_size(args.command_parser) > 1
+    if parallel:
+        device = distributed.init_from_environment(device)
     try:
-        data = load_dataset(
-            args.dataset,
-            args.data_dir,
-            args.download,
-            train_size=args.train_size,
-            test_size=args.test_size,
-            device=device,
-        )
+        return _compare(args, device)
+    finally:
+        if parallel:
+            torch.distributed.destroy_process_group()
+
+
+def _compare(args: argparse.Namespace, device: torch.device) -> int:
+    rank = distributed.world()[0]
+    try:
+        data = _load(args, device, rank)
     except (DatasetNotFoundError, ValueError) as error:
         # Missing or malformed files, or more examples asked for than there are.
-        print(f"pyro-bmr: error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"pyro-bmr: error: {error}", file=sys.stderr)
         return 1
     results, weights = run_comparison(
         data,
@@ -347,16 +389,38 @@ def _run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         reduction=_reduction(args),
     )
+    if rank != 0:  # every rank holds the same results: one writes them
+        return 0
     config = results["config"]
+    processes = f", {config['processes']} processes" if config["processes"] > 1 else ""
     print(
         f"\n{config['dataset']} ({config['train_size']} train, {config['test_size']} test), "
         f"{config['model']}, {config['epochs']} epochs, seed {config['seed']}, "
-        f"{config['device']}; test set after the last epoch:\n"
+        f"{config['device']}{processes}; test set after the last epoch:\n"
     )
     print(format_table(results))
     paths = write_outputs(results, weights, args.out)
     print(f"\nwrote {', '.join(paths)} to {args.out}")
     return 0
+
+
+def _load(args: argparse.Namespace, device: torch.device, rank: int) -> DatasetSplits:
+    """The data set; under torchrun, rank 0 downloads it before the others read it."""
+    waits = args.download and distributed.is_distributed()
+    if waits and rank != 0:
+        torch.distributed.barrier()
+    try:
+        return load_dataset(
+            args.dataset,
+            args.data_dir,
+            args.download,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            device=device,
+        )
+    finally:
+        if waits and rank == 0:
+            torch.distributed.barrier()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from torch.utils.data import (
     SequentialSampler,
     TensorDataset,
 )
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "DATASETS",
@@ -307,6 +308,8 @@ def make_loader(
     shuffle: bool = True,
     seed: int = 0,
     drop_last: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """Batch a data set, shuffling with a generator seeded by ``seed``.
 
@@ -316,18 +319,34 @@ def make_loader(
     indexed one batch at a time rather than one example at a time, which is much
     faster; its batches are tuples of tensors on the data set's device.
 
+    With ``num_replicas > 1`` the loader yields the shard of replica ``rank`` of a
+    data-parallel run, through a
+    :class:`~torch.utils.data.distributed.DistributedSampler` (seeded by ``seed``;
+    the data set padded with repeated examples to a multiple of ``num_replicas``):
+    batch ``i`` of every replica together are the examples of one global batch of
+    ``num_replicas * batch_size``. Its order is set by the sampler's epoch
+    (:func:`pyro_bmr.distributed.set_sampler_epoch`), not drawn afresh at each pass.
+
     :param torch.utils.data.Dataset dataset: data set, e.g. ``DatasetSplits.train``.
-    :param int batch_size: examples per batch.
+    :param int batch_size: examples per batch (of each replica).
     :param bool shuffle: shuffle each epoch; if False, keep the data set's order.
     :param int seed: seed of the shuffling generator.
     :param bool drop_last: drop a final batch smaller than ``batch_size``.
+    :param int num_replicas: the processes of a data-parallel run.
+    :param int rank: this process's place among them.
     :returns: the loader.
     :rtype: torch.utils.data.DataLoader
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if num_replicas > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed
+        )
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
     if isinstance(dataset, TensorDataset):
         # batch_size=None hands each list of indices to dataset[...] in one call.
         return DataLoader(
@@ -346,19 +365,33 @@ def make_loaders(
     test_batch_size: int | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
     """Shuffled training loader and ordered test loader for :func:`load_dataset`'s splits.
 
     :param DatasetSplits data: the splits.
-    :param int batch_size: training batch size.
+    :param int batch_size: training batch size (of each replica).
     :param test_batch_size: test batch size; defaults to ``batch_size``.
     :type test_batch_size: int or None
     :param int seed: seed of the training loader's shuffling generator.
     :param bool drop_last: drop the last incomplete training batch.
+    :param int num_replicas: the processes of a data-parallel run, each of which
+        trains on its shard of the training split (see :func:`make_loader`) and
+        tests on the whole test split.
+    :param int rank: this process's place among them.
     :returns: ``(train_loader, test_loader)``.
     :rtype: tuple[DataLoader, DataLoader]
     """
-    train = make_loader(data.train, batch_size, shuffle=True, seed=seed, drop_last=drop_last)
+    train = make_loader(
+        data.train,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        drop_last=drop_last,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
     test_bs = batch_size if test_batch_size is None else test_batch_size
     test = make_loader(data.test, test_bs, shuffle=False)
     return train, test

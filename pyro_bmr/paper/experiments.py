@@ -17,6 +17,13 @@ posterior samples from a forked random state, so a method's training does not
 depend on which other methods ran, how often it was evaluated or with how many
 samples. The same arguments give bit-identical numbers on a CPU (all but the
 wall-clock ``seconds``).
+
+In a ``torch.distributed`` process group of more than one process (``torchrun
+--nproc-per-node N -m pyro_bmr run``), each process trains on its shard of every
+global batch (see :func:`~pyro_bmr.paper.data.make_loader`), the gradients are
+averaged across them (:mod:`pyro_bmr.distributed`), and every process evaluates the
+whole test split with the same draws, so that all of them hold the same numbers;
+only rank 0 shows progress (and, in the command, writes the outputs).
 """
 
 import dataclasses
@@ -35,6 +42,7 @@ from tqdm.auto import tqdm
 import pyro_bmr
 from pyro_bmr.compiled_elbo import BACKENDS
 from pyro_bmr.compiled_elbo import ENV_VAR as ELBO_BACKEND_VAR
+from pyro_bmr.distributed import local_batch_size, world
 from pyro_bmr.report import sparsity
 
 from .data import DEFAULT_DATA_DIR, DatasetSplits, load_dataset, make_loaders
@@ -233,6 +241,7 @@ def run_comparison(
     warmup_steps: int | None = None,
     reduction: Mapping[str, Any] | None = None,
     backend: str | None = None,
+    distributed: bool | None = None,
 ) -> Comparison:
     """Train and evaluate each method on one data set.
 
@@ -290,10 +299,14 @@ def run_comparison(
         :func:`~pyro_bmr.paper.methods.rhs_reduction`), e.g. ``{"num_steps": 1000}``.
     :param str backend: how the ELBO's captured step runs (see
         :func:`~pyro_bmr.paper.methods.fit_method`); default ``"inductor"``.
+    :param bool distributed: train data-parallel across the processes of the
+        initialised process group, ``batch_size`` being the global batch (divided
+        among them); default: where one of more than one process is initialised.
     :returns: the results and the final weight means.
     :rtype: Comparison
     :raises ValueError: for an unknown preset, data set, network or method, a setting
-        the paper preset does not have, or a non-positive count.
+        the paper preset does not have, a non-positive count, or a batch size that
+        does not divide among the processes.
     :raises ~pyro_bmr.paper.data.DatasetNotFoundError: if the data set's files are missing.
     """
     methods = _check_methods(methods)
@@ -322,6 +335,13 @@ def run_comparison(
     name = dataset.name if isinstance(dataset, DatasetSplits) else str(dataset).lower()
     paper = paper_preset(name, model) if preset == "paper" else None
     device = resolve_device(device)
+    batch_size = batch_size or (paper.batch_size if paper else DEFAULTS["batch_size"])
+    if distributed and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    rank, processes = world() if distributed is not False else (0, 1)
+    local_batch = local_batch_size(batch_size) if processes > 1 else batch_size
 
     if isinstance(dataset, DatasetSplits):
         if download or train_size is not None or test_size is not None:
@@ -342,7 +362,6 @@ def run_comparison(
     if paper is not None and paper.pad:
         data = _padded(data, paper.pad)
     epochs = epochs or (paper.epochs if paper else DEFAULTS["epochs"])
-    batch_size = batch_size or (paper.batch_size if paper else DEFAULTS["batch_size"])
     guide = guide or (paper.guide if paper else "auto")
     optimizer = optimizer or (paper.optimizer if paper else "adam")
     steps_per_epoch = steps_per_epoch or (paper.steps_per_epoch if paper else None)
@@ -373,6 +392,7 @@ def run_comparison(
         "samples": samples if samples is not None else None if paper else DEFAULTS["samples"],
         "seed": seed,
         "device": device.type,
+        "processes": processes,
         "eval_every": eval_every,
         "guide": guide,
         "optimizer": optimizer,
@@ -401,7 +421,12 @@ def run_comparison(
         setting = settings[method]
         # A fresh loader per method: every method sees the same batches.
         train_loader, test_loader = make_loaders(
-            data, batch_size, test_batch_size=_EVAL_BATCH_SIZE, seed=seed
+            data,
+            local_batch,
+            test_batch_size=_EVAL_BATCH_SIZE,
+            seed=seed,
+            num_replicas=processes,
+            rank=rank,
         )
         curve = {key: [] for key in CURVES}
         records = fit_method(
@@ -425,8 +450,11 @@ def run_comparison(
             elbo=setting.elbo,
             reduction=setting.reduction or None,
             backend=backend,
+            distributed=processes > 1,
         )
-        bar = tqdm(total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress)
+        bar = tqdm(
+            total=epochs, desc=f"{method:>9}", unit="epoch", disable=not progress or rank != 0
+        )
         with bar:
             for record in records:
                 if record.epoch % eval_every == 0 or record.epoch == epochs:

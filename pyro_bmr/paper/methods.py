@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from pyro_bmr import PruningRule, SpikeAndSlabRule, StochasticBMR
 from pyro_bmr.compiled_elbo import BACKENDS, CompiledTrace_ELBO, CompiledTraceMeanField_ELBO
+from pyro_bmr.distributed import DataParallelOptimizer, mean_over_ranks, world
 from pyro_bmr.guides import GUIDES, make_guide
 from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import (
@@ -56,7 +57,7 @@ from pyro_bmr.nn import (
 
 from .networks import build_network
 from .networks.zoo import check_network_name
-from .records import EpochRecord, _as_tuple, _OnDevice
+from .records import EpochRecord, _as_tuple, _OnDevice, _Passes
 
 __all__ = [
     "ELBOS",
@@ -193,6 +194,7 @@ def fit_method(
     elbo: str = "trace",
     reduction: Mapping[str, Any] | None = None,
     backend: str | None = None,
+    distributed: bool | None = None,
 ) -> Iterator[EpochRecord]:
     """Train one method and yield a record after every epoch.
 
@@ -254,12 +256,21 @@ def fit_method(
     :param dict reduction: ``bmr-rhs`` only: options of its
         :class:`~pyro_bmr.horseshoe_reduction.HorseshoeReduction` over the authors'
         (see :func:`rhs_reduction`), e.g. ``{"num_steps": 1000}``.
+    :param bool distributed: train data-parallel across the processes of the
+        initialised ``torch.distributed`` group (see :mod:`pyro_bmr.distributed`):
+        every process calls this with the same arguments but its own shard of the
+        data as ``train_loader`` (``make_loaders(..., num_replicas=, rank=)``; a
+        sampler with ``set_epoch`` is given each pass's number), the gradients are
+        averaged across them, the reductions made the same, a record's ``loss`` is
+        the mean over them, and only rank 0 shows progress. Default: where a group
+        of more than one process is initialised.
     :returns: a generator of :class:`EpochRecord` s; the param store is cleared and
         training starts when it is first advanced.
     :raises ValueError: at once, for an unknown method, network, guide, optimiser
         ELBO or backend, a negative count, warm-up asked of a method that does not prune,
         reduction options asked of another method than ``bmr-rhs`` or out of range,
-        or sizes that cannot be read from the loader.
+        sizes that cannot be read from the loader, or ``distributed=True`` without a
+        process group.
     """
     _check_method(method)
     check_network_name(network)
@@ -280,6 +291,13 @@ def fit_method(
     if reduction is not None and method != "bmr-rhs":
         raise ValueError(f"reduction options apply to bmr-rhs only, not to {method!r}")
     reduction = HorseshoeReduction.check_options(**(reduction or {}))
+    if distributed and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(pyro_bmr.distributed.init_from_environment() under torchrun)"
+        )
     if init_loc_fn is not None and not callable(init_loc_fn):
         raise ValueError(f"init_loc_fn must be a Pyro initialisation function, got {init_loc_fn!r}")
     size = _dataset_size(train_loader, dataset_size)
@@ -310,6 +328,7 @@ def fit_method(
         elbo=elbo,
         reduction=reduction,
         backend=backend,
+        distributed=world()[1] > 1 if distributed is None else bool(distributed),
     )
 
 
@@ -386,6 +405,7 @@ def _epochs(
     elbo: str,
     reduction: dict[str, Any],
     backend: str | None,
+    distributed: bool,
 ) -> Iterator[EpochRecord]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -393,7 +413,7 @@ def _epochs(
     model = BayesianClassifier(net, dataset_size, prior, predicate)
     if device is not None:
         model = model.to(device)
-    loader = _OnDevice(train_loader, None if device is None else torch.device(device))
+    loader = _OnDevice(_Passes(train_loader), None if device is None else torch.device(device))
     init_loc_fn = model.init_loc_fn if init_loc_fn is None else init_loc_fn
     if method == "flat-map":
         guide, training = AutoDelta(model, init_loc_fn=init_loc_fn), nullcontext()
@@ -402,14 +422,18 @@ def _epochs(
             model, guide_kind, init_loc_fn=init_loc_fn, init_scale=init_scale
         )
     optim = _adam(lr, device) if optimizer == "adam" else _adabelief(lr)
+    if distributed:
+        optim = DataParallelOptimizer(optim)
     elbo_class = CompiledTrace_ELBO if elbo == "trace" else CompiledTraceMeanField_ELBO
     loss_fn = elbo_class(backend=backend)
     if method == "bmr":
-        trainer = StochasticBMR(model, guide, optim, loss_fn, rule=rule(model))
+        trainer = StochasticBMR(
+            model, guide, optim, loss_fn, rule=rule(model), distributed=distributed
+        )
         step = trainer.step
     elif method == "bmr-rhs":
         bmr = rhs_reduction(model, guide, **reduction)
-        trainer = StochasticBMR(model, guide, optim, loss_fn, bmr=bmr)
+        trainer = StochasticBMR(model, guide, optim, loss_fn, bmr=bmr, distributed=distributed)
         step = trainer.step
     else:
         step = SVI(model, guide, optim, loss_fn).step
@@ -431,13 +455,15 @@ def _epochs(
             for batch in tqdm(
                 batches,
                 total=steps_per_epoch or _length(loader),
-                disable=not progress,
+                disable=not progress or world()[0] != 0,
                 desc=f"{method} epoch {epoch}",
             ):
                 losses.append(step(*batch))
             if not losses:
                 raise ValueError("train_loader yielded no batch")
             loss = sum(losses) / len(losses)
+            if distributed:
+                loss = mean_over_ranks(loss)
         model.eval()
         seconds = time.perf_counter() - start
         bmr = trainer.bmr if method in PRUNING_METHODS else None

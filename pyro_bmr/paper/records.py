@@ -8,6 +8,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoGuide
 
 from pyro_bmr import BayesianModelReduction
+from pyro_bmr.distributed import set_sampler_epoch
 from pyro_bmr.horseshoe_reduction import HorseshoeReduction
 from pyro_bmr.nn import BayesianClassifier, posterior_means, predict_proba
 from pyro_bmr.report import Sparsity
@@ -30,6 +31,24 @@ class _OnDevice:
             yield tuple(
                 t.to(self.device) if self.device is not None else t for t in _as_tuple(batch)
             )
+
+
+class _Passes:
+    """A re-iterable view of a loader that gives its sampler, if it has
+    ``set_epoch`` (a ``DistributedSampler``), the number of each pass: its order
+    would repeat at every pass otherwise."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        set_sampler_epoch(self.loader, self.passes)
+        self.passes += 1
+        return iter(self.loader)
 
 
 def _as_tuple(batch: Any) -> tuple:

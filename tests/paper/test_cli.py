@@ -11,6 +11,8 @@ from pyro_bmr.paper.cli import main
 from pyro_bmr.paper.data import DatasetNotFoundError
 from pyro_bmr.paper.experiments import CURVES, OUTPUT_FILES
 
+from ..processes import launch
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # digits subset, one small hidden layer, two posterior samples: a few seconds.
 TINY = [
@@ -224,3 +226,30 @@ def test_adabelief_is_one_option_and_recorded(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["optimizer"] == "adabelief"
     assert all(math.isfinite(v) for v in results["methods"]["bmr"]["accuracy"])
+
+
+def test_under_torchrun_two_processes_train_and_rank_0_alone_writes(tmp_path):
+    out = tmp_path / "parallel"
+    argv = ["-m", "pyro_bmr", "run", *TINY, "--epochs", "1", "--methods", "bmr", "--out", str(out)]
+    first, second = launch(argv, world_size=2)
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    assert "2 processes" in first.stdout and second.stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["processes"] == 2 and results["config"]["batch_size"] == 64
+    assert all(math.isfinite(v) for v in results["methods"]["bmr"]["accuracy"])
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, last = _error_of(capsys, ["run", "--device", "cpu"])
+    assert code == 2
+    assert last == (
+        "pyro-bmr run: error: argument --batch-size: the global batch of 64 (the quick "
+        "preset's) does not divide among the 3 processes torchrun started; give a multiple of 3"
+    )
+    code, last = _error_of(capsys, ["run", "--device", "cpu", "--batch-size", "32"])
+    assert code == 2 and "the global batch of 32 does not divide among the 3" in last
+    monkeypatch.setenv("WORLD_SIZE", "none")
+    code, last = _error_of(capsys, ["run"])
+    assert code == 2 and "WORLD_SIZE must be a positive integer, got 'none'" in last

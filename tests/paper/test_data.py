@@ -213,3 +213,26 @@ def test_loader_for_other_datasets_is_seeded():
 def test_loader_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(_tiny_splits().train, 0)
+
+
+def test_replicas_share_each_global_batch_and_their_sampler_sets_the_order():
+    from pyro_bmr.distributed import set_sampler_epoch
+
+    data = _tiny_splits()
+    shards = [make_loaders(data, 2, seed=3, num_replicas=2, rank=rank)[0] for rank in range(2)]
+    first = [_epoch(shard) for shard in shards]
+    # batch i of the two replicas together: 4 distinct examples, all 10 over the epoch
+    # (the sampler pads 10 to 10: no repeats), and the test split is not sharded
+    together = [sorted(a + b) for a, b in zip(*first)]
+    assert [len(b) for b in together] == [4, 4, 2]
+    assert sorted(sum(together, [])) == list(range(10))
+    assert _epoch(make_loaders(data, 2, num_replicas=2, rank=1)[1]) == [
+        [2 * i, 2 * i + 1] for i in range(5)
+    ]
+    # the order is the sampler's epoch's: the same pass after pass until it is set
+    assert [_epoch(shard) for shard in shards] == first
+    for shard in shards:
+        assert set_sampler_epoch(shard, 1)
+    second = [_epoch(shard) for shard in shards]
+    assert second != first
+    assert sorted(sum((a + b for a, b in zip(*second)), [])) == list(range(10))

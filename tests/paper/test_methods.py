@@ -196,3 +196,30 @@ def test_adabelief_trains_and_unknown_optimizers_are_refused():
     assert records[-1].loss < records[0].loss and records[-1].sparsity.total > 0
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of adam, adabelief"):
         fit_method("bmr", "mlp", loader, num_classes=3, num_epochs=1, optimizer="sgd")
+
+
+def test_distributed_needs_a_process_group_and_passes_set_the_sampler_epoch():
+    from torch.utils.data.distributed import DistributedSampler
+
+    with pytest.raises(ValueError, match="distributed=True needs an initialised"):
+        _fit("flat-ff", distributed=True)
+    # a sampler ordered by its epoch gets the number of each pass over the loader
+    dataset = _dataset()
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, seed=0)
+    seen = []
+    original = sampler.set_epoch
+    sampler.set_epoch = lambda epoch: (seen.append(epoch), original(epoch))
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler)
+    records = fit_method(
+        "flat-ff",
+        "mlp",
+        loader,
+        num_classes=3,
+        num_epochs=2,
+        steps_per_epoch=6,
+        network_kwargs=SMALL["mlp"],
+        num_samples=2,
+    )
+    assert [r.epoch for r in records] == [1, 2]
+    # each epoch of 6 steps takes a pass of 4 batches and 2 of another: four passes
+    assert seen == [0, 1, 2, 3]
