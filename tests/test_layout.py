@@ -1,4 +1,5 @@
-"""One library, one application: the core never pulls in :mod:`pyro_bmr.paper`."""
+"""One library, one application: the core never pulls in :mod:`pyro_bmr.paper`, nor
+the optional Lightning callback (:mod:`pyro_bmr.lightning`) and Lightning itself."""
 
 import ast
 import subprocess
@@ -9,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_bmr"
 
 _CHECK = (
     "import pyro_bmr, pyro_bmr.nn, sys; "
-    "bad = {'torchvision','matplotlib','sklearn','pyro_bmr.paper'} & set(sys.modules); "
+    "bad = {'torchvision','matplotlib','sklearn','pyro_bmr.paper','lightning',"
+    "'pyro_bmr.lightning'} & set(sys.modules); "
     "assert not bad, bad"
 )
 
@@ -74,3 +76,16 @@ def test_the_scan_sees_relative_and_absolute_imports(tmp_path, monkeypatch):
             name,
             modules,
         )
+
+
+def test_only_the_lightning_module_imports_lightning():
+    # Lightning is an optional extra: the callback's module is the one that needs it
+    offending = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PACKAGE / "lightning.py"
+        for line, module in _imported_modules(path)
+        if module.split(".")[0] in ("lightning", "pytorch_lightning")
+        or module.startswith("pyro_bmr.lightning")
+    ]
+    assert not offending, offending
