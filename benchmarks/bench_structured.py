@@ -1,0 +1,157 @@
+"""Structured against element BMR on MNIST: units kept, accuracy, exported latency.
+
+For LeNet-5 and a small ViT, the paper's BMR (the ``bmr`` method of
+:mod:`pyro_bmr.paper.methods`: ``LayerScalePrior``, ``AutoNormal``, fused Adam,
+the spike-and-slab rule of :func:`~pyro_bmr.paper.methods.bmr_rule` per layer,
+the output layer never pruned, a reduction before every epoch after the first) is
+trained twice from the same seed:
+
+* ``element``: single weights pruned;
+* ``structured``: whole units only (the groups of :func:`pyro_bmr.nn.unit_groups`:
+  neurons, convolution channels, attention heads, MLP hidden units), decided by the
+  same rule on their ΔF, dead units' inputs pruned (``prune_elements=False``; the
+  output layer is never pruned, as in ``element``).
+
+Printed per network and variant: the units each layer kept (for ``element``, the
+units left whole by chance), the test accuracy of the posterior-mean network, the
+largest difference between the exported network's logits and the reduced model's
+posterior-mean logits, and the median latency of the dense network (the
+architecture as built, posterior-mean weights) and of the exported one
+(``pyro_bmr.export``: pruned units removed, smaller dense layers) at batch 1 and
+256, timed in this process in interleaved rounds (``bench_export.interleaved``).
+
+Run from the repository root::
+
+    python benchmarks/bench_structured.py [--networks lenet5 vit] [--epochs 5]
+        [--train-size N] [--rounds 7] [--threads 1] [--clock wall|cpu]
+"""
+
+import argparse
+import time
+
+import pyro
+import torch
+from bench_export import CLOCKS, interleaved
+from pyro import poutine
+
+from pyro_bmr import BayesianModelReduction, CompiledTrace_ELBO, StochasticBMR, export
+from pyro_bmr.deterministic import guide_means
+from pyro_bmr.groups import unit_counts
+from pyro_bmr.guides import make_guide
+from pyro_bmr.nn import BayesianClassifier, unit_groups
+from pyro_bmr.paper.data import load_dataset, make_loader
+from pyro_bmr.paper.methods import bmr_rule, method_prior
+from pyro_bmr.paper.networks import build_network
+
+NETWORK_KWARGS = {
+    "lenet5": {},
+    "vit": {"patch_size": 4, "dim": 64, "depth": 2, "heads": 8, "mlp_ratio": 2.0},
+}
+
+
+def fit(network, structured, data, epochs, batch_size, seed, progress):
+    """Train the ``bmr`` method, with unit groups if ``structured``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x_train, y_train = data.train.tensors
+    net = build_network(network, x_train.shape[1:], 10, **NETWORK_KWARGS[network])
+    model = BayesianClassifier(net, len(x_train), method_prior("bmr"))
+    guide, _ = make_guide(model, "auto", init_loc_fn=model.init_loc_fn, init_scale=1e-2)
+    groups = unit_groups(model) if structured else None
+    bmr = BayesianModelReduction(
+        guide, bmr_rule(model), groups=groups, prune_elements=not structured
+    )
+    optim = pyro.optim.Adam({"lr": 1e-3, "fused": True})
+    trainer = StochasticBMR(model, guide, optim, CompiledTrace_ELBO(), bmr=bmr)
+    loader = make_loader(data.train, batch_size, seed=seed)
+    start, batch = time.perf_counter(), None
+    for epoch in range(epochs):
+        if batch is not None:
+            trainer.reduce(*batch)
+        for batch in loader:
+            trainer.step(*batch)
+        if progress:
+            print(
+                f"  {network} {'structured' if structured else 'element'} epoch {epoch + 1}: "
+                f"{100 * bmr.sparsity().total:.1f}% pruned, {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    model.eval()
+    return model, guide, bmr
+
+
+def accuracy(net, x, y):
+    with torch.no_grad():
+        return sum(
+            (net(x[i : i + 1000]).argmax(-1) == y[i : i + 1000]).sum().item()
+            for i in range(0, len(x), 1000)
+        ) / len(x)
+
+
+def report(network, variant, model, guide, bmr, data, rounds, clock):
+    x_test, y_test = data.test.tensors
+    x = x_test[:256]
+    dense = export(model, guide, x, bmr=bmr, compress=False)
+    exported = export(model, guide, x, bmr=bmr)
+    with torch.no_grad():
+        reference = poutine.condition(model, data=guide_means(guide, x, bmr=bmr))(x)
+        diff = (exported(x) - reference).abs().max().item()
+    units = unit_counts(unit_groups(model), bmr.masks)
+    print(f"\n{network} / {variant}: {100 * bmr.sparsity().total:.1f}% of elements pruned")
+    print("  units kept: " + ", ".join(f"{n} {c.kept}/{c.total}" for n, c in units.items()))
+    print(
+        f"  test accuracy {accuracy(dense, x_test, y_test):.4f} (exported "
+        f"{accuracy(exported, x_test, y_test):.4f}); max |exported - reduced model| {diff:.1e}"
+    )
+    print(f"  exported: {exported}" if network == "lenet5" else "", end="")
+    with torch.inference_mode():
+        for batch, repeats in ((1, 200), (256, 10)):
+            xb = x[:batch].clone()
+            timed = interleaved(
+                {"dense": lambda xb=xb: dense(xb), "exported": lambda xb=xb: exported(xb)},
+                rounds,
+                repeats,
+                clock,
+            )
+            print(
+                f"\n  batch {batch:>3}: dense {timed['dense'][0] * 1e6:9.1f} us, exported "
+                f"{timed['exported'][0] * 1e6:9.1f} us, speed-up {timed['exported'][1]:.2f}x",
+                end="",
+            )
+    print()
+    return accuracy(dense, x_test, y_test)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--networks", nargs="+", default=["lenet5", "vit"])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+    data = load_dataset("mnist", args.data_dir, train_size=args.train_size)
+    for network in args.networks:
+        accuracies = {}
+        for structured in (False, True):
+            variant = "structured" if structured else "element"
+            fitted = fit(
+                network, structured, data, args.epochs, args.batch_size, args.seed, not args.quiet
+            )
+            accuracies[variant] = report(
+                network, variant, *fitted, data, args.rounds, CLOCKS[args.clock]
+            )
+        lost = 100 * (accuracies["element"] - accuracies["structured"])
+        print(f"\n{network}: structured loses {lost:.2f} points of accuracy to element BMR")
+
+
+if __name__ == "__main__":
+    main()
