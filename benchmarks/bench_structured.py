@@ -10,7 +10,10 @@ trained twice from the same seed:
 * ``structured``: whole units only (the groups of :func:`pyro_bmr.nn.unit_groups`:
   neurons, convolution channels, attention heads, MLP hidden units), decided by the
   same rule on their ΔF, dead units' inputs pruned (``prune_elements=False``; the
-  output layer is never pruned, as in ``element``).
+  output layer is never pruned, as in ``element``);
+* ``combined``: both, single weights and whole units (``prune_elements=True``): a
+  unit whose weights are pruned one by one loses the evidence they carried, and
+  goes when its remaining ΔF turns positive or its last weight is pruned.
 
 Printed per network and variant: the units each layer kept (for ``element``, the
 units left whole by chance), the test accuracy of the posterior-mean network, the
@@ -22,8 +25,9 @@ architecture as built, posterior-mean weights) and of the exported one
 
 Run from the repository root::
 
-    python benchmarks/bench_structured.py [--networks lenet5 vit] [--epochs 5]
-        [--train-size N] [--rounds 7] [--threads 1] [--clock wall|cpu]
+    python benchmarks/bench_structured.py [--networks lenet5 lenet5-caffe vit]
+        [--variants element structured combined] [--epochs 5] [--train-size N]
+        [--rounds 7] [--threads 1] [--clock wall|cpu]
 """
 
 import argparse
@@ -45,21 +49,25 @@ from pyro_bmr.paper.networks import build_network
 
 NETWORK_KWARGS = {
     "lenet5": {},
+    "lenet5-caffe": {},
     "vit": {"patch_size": 4, "dim": 64, "depth": 2, "heads": 8, "mlp_ratio": 2.0},
 }
 
 
-def fit(network, structured, data, epochs, batch_size, seed, progress):
-    """Train the ``bmr`` method, with unit groups if ``structured``."""
+VARIANTS = ("element", "structured", "combined")
+
+
+def fit(network, variant, data, epochs, batch_size, seed, progress):
+    """Train the ``bmr`` method, pruning as ``variant`` says."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     x_train, y_train = data.train.tensors
     net = build_network(network, x_train.shape[1:], 10, **NETWORK_KWARGS[network])
     model = BayesianClassifier(net, len(x_train), method_prior("bmr"))
     guide, _ = make_guide(model, "auto", init_loc_fn=model.init_loc_fn, init_scale=1e-2)
-    groups = unit_groups(model) if structured else None
+    groups = None if variant == "element" else unit_groups(model)
     bmr = BayesianModelReduction(
-        guide, bmr_rule(model), groups=groups, prune_elements=not structured
+        guide, bmr_rule(model), groups=groups, prune_elements=variant != "structured"
     )
     optim = pyro.optim.Adam({"lr": 1e-3, "fused": True})
     trainer = StochasticBMR(model, guide, optim, CompiledTrace_ELBO(), bmr=bmr)
@@ -72,7 +80,7 @@ def fit(network, structured, data, epochs, batch_size, seed, progress):
             trainer.step(*batch)
         if progress:
             print(
-                f"  {network} {'structured' if structured else 'element'} epoch {epoch + 1}: "
+                f"  {network} {variant} epoch {epoch + 1}: "
                 f"{100 * bmr.sparsity().total:.1f}% pruned, {time.perf_counter() - start:.0f} s",
                 flush=True,
             )
@@ -103,7 +111,7 @@ def report(network, variant, model, guide, bmr, data, rounds, clock):
         f"  test accuracy {accuracy(dense, x_test, y_test):.4f} (exported "
         f"{accuracy(exported, x_test, y_test):.4f}); max |exported - reduced model| {diff:.1e}"
     )
-    print(f"  exported: {exported}" if network == "lenet5" else "", end="")
+    print(f"  exported: {exported}" if network.startswith("lenet") else "", end="")
     with torch.inference_mode():
         for batch, repeats in ((1, 200), (256, 10)):
             xb = x[:batch].clone()
@@ -126,6 +134,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--networks", nargs="+", default=["lenet5", "vit"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -141,16 +150,17 @@ def main():
     data = load_dataset("mnist", args.data_dir, train_size=args.train_size)
     for network in args.networks:
         accuracies = {}
-        for structured in (False, True):
-            variant = "structured" if structured else "element"
+        for variant in args.variants:
             fitted = fit(
-                network, structured, data, args.epochs, args.batch_size, args.seed, not args.quiet
+                network, variant, data, args.epochs, args.batch_size, args.seed, not args.quiet
             )
             accuracies[variant] = report(
                 network, variant, *fitted, data, args.rounds, CLOCKS[args.clock]
             )
-        lost = 100 * (accuracies["element"] - accuracies["structured"])
-        print(f"\n{network}: structured loses {lost:.2f} points of accuracy to element BMR")
+        for variant in accuracies:
+            if variant != "element" and "element" in accuracies:
+                lost = 100 * (accuracies["element"] - accuracies[variant])
+                print(f"\n{network}: {variant} loses {lost:.2f} points of accuracy to element BMR")
 
 
 if __name__ == "__main__":

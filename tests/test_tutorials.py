@@ -4,9 +4,11 @@ Each notebook in ``tutorials/`` is executed by nbclient in a fresh ``python3``
 kernel whose working directory is ``tutorials/``, as when a reader opens it there.
 The kernel runs an in-memory copy; the executed copy is written to a temporary
 directory and the stored notebook, with its outputs, is never rewritten. The
+notebooks run concurrently, one kernel per core. The
 notebooks assert their own results, so a failing assertion in a cell fails the test.
 """
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -50,12 +52,10 @@ def test_notebook_is_stored_with_outputs(name):
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path):
-    path = TUTORIALS / name
-    stored = path.read_bytes()
-    nb = nbformat.reads(stored.decode("utf-8"), as_version=4)
+async def _execute(name: str, slots: asyncio.Semaphore) -> tuple[object, float]:
+    """Execute notebook ``name`` in memory: (the executed notebook or the exception
+    it raised, its seconds)."""
+    nb = nbformat.reads((TUTORIALS / name).read_text(encoding="utf-8"), as_version=4)
     client = NotebookClient(
         nb,
         timeout=TIMEOUT,
@@ -66,9 +66,37 @@ def test_notebook_runs(name, tmp_path):
     # one, and OpenMP threads that compete with other processes for two cores can slow
     # them down tenfold.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    client.execute(env=env)  # raises CellExecutionError, with the traceback, if a cell fails
-    seconds = time.perf_counter() - start
+    async with slots:
+        start = time.perf_counter()
+        try:
+            await client.async_execute(env=env)  # CellExecutionError if a cell fails
+        except Exception as error:  # reported by the notebook's own test
+            return error, time.perf_counter() - start
+        return nb, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def executed() -> dict[str, tuple[object, float]]:
+    """Every notebook executed, as many at a time as there are cores (each kernel
+    runs on one thread), before any stored file is compared."""
+    stored = {name: (TUTORIALS / name).read_bytes() for name in NOTEBOOKS}
+
+    async def run_all():
+        slots = asyncio.Semaphore(max(1, min(len(NOTEBOOKS), os.cpu_count() or 1)))
+        return await asyncio.gather(*(_execute(name, slots) for name in NOTEBOOKS))
+
+    results = dict(zip(NOTEBOOKS, asyncio.run(run_all())))
+    for name in NOTEBOOKS:
+        results[name] += ((TUTORIALS / name).read_bytes() == stored[name],)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, executed, tmp_path):
+    nb, seconds, unchanged = executed[name]
+    if isinstance(nb, Exception):
+        raise nb
     nbformat.write(nb, tmp_path / name)
 
     errors = [
@@ -81,4 +109,4 @@ def test_notebook_runs(name, tmp_path):
     assert not errors, f"{name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
     assert all(cell.execution_count for cell in nb.cells if cell.cell_type == "code")
     assert seconds < TIMEOUT, f"{name} took {seconds:.0f} s, more than {TIMEOUT} s"
-    assert path.read_bytes() == stored, f"executing {name} changed the stored file"
+    assert unchanged, f"executing {name} changed the stored file"
