@@ -26,6 +26,7 @@ then multiply zero, the likelihood no longer depends on them, and they are prune
 too ("dead units propagate").
 """
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -290,6 +291,7 @@ def prune_units(
     for group in groups:
         first = group.members[0]
         num_units = first.num_units(masks[first.site].shape)
+        was_alive = _alive(group, scoring, num_units)
         if rule.prunes(group.name):
             alive = _alive(group, scoring, num_units)
             unit_df = unit_delta_f(group, scoring, num_units)
@@ -301,11 +303,27 @@ def prune_units(
                 masks[member.site] = masks[member.site] & cut
                 scoring[member.site] = scoring[member.site] & cut
         alive = _alive(group, masks, num_units)  # dead by units or by all their elements
+        if bool(was_alive.any()) and not bool(alive.any()):
+            _warn_layer_dead(group, int(was_alive.count_nonzero()))
         for reader in group.readers:
             cut = reader.expand(alive, masks[reader.site].shape)
             masks[reader.site] = masks[reader.site] & cut
             scoring[reader.site] = scoring[reader.site] & cut
     return masks
+
+
+def _warn_layer_dead(group: UnitGroup, lost: int) -> None:
+    # Each unit's ΔF assumes the others stay: a whole layer gone is a decision that
+    # no unit's ΔF scored, and it leaves a network whose output ignores its input.
+    warnings.warn(
+        f"this reduction pruned every unit of group {group.name!r} (the last {lost}): "
+        f"what follows it no longer depends on the input. A unit's ΔF compares it "
+        f"with the whole unit, so many inputs whose posteriors are still narrow can "
+        f"outweigh a few informative ones; prune single weights too "
+        f"(prune_elements=True), reduce later in training, or exclude the group",
+        UserWarning,
+        stacklevel=6,  # reduce's caller, past Scoring and torch.no_grad's wrapper
+    )
 
 
 def unit_counts(

@@ -398,7 +398,7 @@ class BayesianModelReduction:
                 f"every guide scale of the sites {sorted(sites)} is {float(low):.4g}: the guide "
                 "looks unfitted, and reduce() would prune by its initialisation; fit it first",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # reduce's caller, past torch.no_grad's wrapper
             )
 
     def sparsity(self) -> Sparsity:

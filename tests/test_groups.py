@@ -1,5 +1,7 @@
 """Structured reduction: unit ΔF, the rules per group, dead units and the report."""
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -177,6 +179,30 @@ def test_excluded_group_keeps_its_units_and_units_accumulate():
     assert first < 4
     # a second reduction keeps what the first pruned pruned
     assert bmr.reduce(X, Y).units["hidden"].kept <= first
+
+
+def test_a_reduction_that_prunes_a_whole_layer_says_so_once():
+    # no unit carries evidence: every posterior narrow at the prior's mode
+    locs, scales = _posterior(6)
+    for name in ("w1", "b1"):
+        locs[name].zero_()
+        scales[name].mul_(0.1)
+    guide = _fitted_guide(locs, scales)
+    bmr = BayesianModelReduction(guide, ThresholdRule(), groups=[HIDDEN], prune_elements=False)
+    with pytest.warns(UserWarning, match=r"every unit of group 'hidden' \(the last 4\)"):
+        report = bmr.reduce(X, Y)
+    assert report.units == {"hidden": UnitCount(0, 4)}  # the rule's decision stands
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bmr.reduce(X, Y)  # already gone: nothing new to say
+    # one unit with evidence keeps the layer alive, and nothing is said
+    locs["w1"][1] = 3.0
+    bmr = BayesianModelReduction(
+        _fitted_guide(locs, scales), ThresholdRule(), groups=[HIDDEN], prune_elements=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bmr.reduce(X, Y).units == {"hidden": UnitCount(1, 4)}
 
 
 def test_member_layouts_against_loops():
