@@ -96,6 +96,27 @@ def accuracy(net, x, y):
         ) / len(x)
 
 
+def layer_shares(net, x, rounds, clock):
+    """Where a sequential network's time goes: each layer's median share, timed
+    interleaved on the input it sees."""
+    inputs, h = [], x
+    with torch.inference_mode():
+        for layer in net:
+            inputs.append(h)
+            h = layer(h)
+        timed = interleaved(
+            {
+                f"{i} {type(layer).__name__}": lambda layer=layer, h=h: layer(h)
+                for i, (layer, h) in enumerate(zip(net, inputs))
+            },
+            rounds,
+            10,
+            clock,
+        )
+    total = sum(t for t, _ in timed.values())
+    return {name: t / total for name, (t, _) in timed.items()}
+
+
 def report(network, variant, model, guide, bmr, data, rounds, clock):
     x_test, y_test = data.test.tensors
     x = x_test[:256]
@@ -127,6 +148,12 @@ def report(network, variant, model, guide, bmr, data, rounds, clock):
                 end="",
             )
     print()
+    if isinstance(dense, torch.nn.Sequential):
+        shares = layer_shares(dense, x, rounds, clock)
+        print(
+            "  dense network's time at batch 256 by layer: "
+            + ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
+        )
     return accuracy(dense, x_test, y_test)
 
 
