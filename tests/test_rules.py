@@ -325,3 +325,42 @@ def test_excluding_leaves_more_sites_alone_and_keeps_the_rule():
     assert [wider.prunes(s) for s in "abc"] == [False, False, True]
     assert [rule.prunes(s) for s in "abc"] == [False, True, True]  # the original unchanged
     assert rule.excluding([]).prunes("b")
+
+
+def test_spike_and_slab_computes_in_the_dtype_of_delta_f():
+    # hyperparameters that float32 cannot hold exactly, and elements that are all
+    # pruned (q ~ 0), so that zeta is as sensitive to alpha0 as it can be
+    df = torch.full((20,), 30.0, dtype=torch.float64)
+    df[:3] = torch.tensor([-2.0, 0.5, 1.0], dtype=torch.float64)
+    mask = torch.ones(20, dtype=torch.bool)
+    rule = SpikeAndSlabRule(alpha0=0.1, beta0=0.3, num_iterations=2)
+    zeta = rule.log_odds(df, mask)
+    assert zeta.dtype == torch.float64 and zeta.device == df.device
+    expected = _reference_log_odds(df, mask.tolist(), 0.1, 0.3, 2)
+    assert torch.allclose(zeta, expected, rtol=1e-13, atol=0)
+
+
+class _OldStyleRule(PruningRule):
+    """A user's rule written before ``exclude`` and ``groups`` existed: it never
+    calls ``PruningRule.__init__``."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def keep(self, delta_f, mask):
+        return delta_f <= self.threshold
+
+
+def test_a_rule_that_skips_the_base_init_prunes_every_site_on_its_own():
+    rule = _OldStyleRule(0.0)
+    assert rule.prunes("w") and rule.group("w") == ("site", "w")
+
+
+def test_groups_map_sites_to_keys_distinct_from_site_names():
+    layer = lambda site: site.rsplit(".", 1)[0]  # noqa: E731
+    for rule in (ThresholdRule(groups=layer), SpikeAndSlabRule(groups=layer)):
+        assert rule.group("fc.weight") == rule.group("fc.bias") == ("group", "fc")
+        # a group named like a site is not that site
+        assert rule.group("fc.weight") != ThresholdRule().group("fc")
+    with pytest.raises(TypeError, match=r"^groups must map a site name to a group key, got 3$"):
+        ThresholdRule(groups=3)
