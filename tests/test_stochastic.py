@@ -214,6 +214,7 @@ def test_a_checkpoint_holds_tensors_and_plain_values(sparse_regression, tmp_path
     assert set(state["optim"]) == set(state["params"])
     assert torch.equal(state["bmr"]["masks"]["w"], trainer.bmr.masks["w"])
     assert state["history"] == trainer.history and state["world_size"] == 1
+    assert state["reduce_every"] == trainer.reduce_every
     assert {"torch", "random", "numpy"} <= set(state["rng"])
     assert [p.name for p in path.parent.iterdir()] == ["run.pt"]  # no temporary file
 
@@ -291,8 +292,43 @@ def test_bad_checkpoints_are_clear_errors(sparse_regression, tmp_path):
         CheckpointError, match=r"shape.pt'.*'AutoNormal.locs.w' is .*\(7,\).*\(50,\)"
     ):
         trainer.fit([(X, y)], progress=False)
+    # masks of another model
+    path = written(
+        "masks.pt",
+        {**state, "bmr": {**state["bmr"], "masks": {"w": torch.ones(7, dtype=torch.bool)}}},
+    )
+    trainer = _trainer()
+    trainer.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"masks.pt'.*its masks do not fit the model"):
+        trainer.step(X, y)
     extra = {**state, "params": {**state["params"], "other.loc": torch.zeros(2)}}
     trainer = _trainer()
     trainer.load_checkpoint(written("extra.pt", extra))
     with pytest.raises(CheckpointError, match=r"\['other.loc'\], which the model and guide"):
         trainer.step(X, y)
+
+
+def test_a_model_with_keyword_only_arguments_resumes(sparse_regression, tmp_path):
+    X, y, _ = sparse_regression
+
+    def model(X, *, y):
+        regression_model(X, y)
+
+    def trainer():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        return StochasticBMR(model, AutoNormal(model), Adam({"lr": 0.05}))
+
+    path = tmp_path / "run.pt"
+    first = trainer()
+    first.step(X, y=y)
+    first.save_checkpoint(path)
+    first.step(X, y=y)
+    expected = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+    resumed = trainer()
+    resumed.load_checkpoint(path)  # the parameters are made at the first step, with y
+    resumed.step(X, y=y)
+    params = dict(pyro.get_param_store().named_parameters())
+    assert params.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(params[name].detach(), value), name
