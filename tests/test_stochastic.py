@@ -98,8 +98,12 @@ def test_bad_arguments_are_rejected(sparse_regression):
     with pytest.raises(TypeError, match="^loss must be a Pyro ELBO, got str$"):
         StochasticBMR(regression_model, guide, Adam({}), loss="elbo")
     trainer = StochasticBMR(regression_model, guide, Adam({}))
-    with pytest.raises(ValueError, match="steps_per_epoch is required"):
+    with pytest.raises(ValueError, match="^steps_per_epoch is required when data is a callable$"):
         trainer.fit(lambda: (X, y), num_epochs=1)
+    with pytest.raises(
+        TypeError, match="^a data callable must take no arguments and return one batch$"
+    ):
+        trainer.fit(lambda epoch: (X, y), num_epochs=1, steps_per_epoch=1)
     with pytest.raises(ValueError, match="no batch"):
         trainer.fit([], num_epochs=1, progress=False)
 
@@ -346,3 +350,20 @@ def test_a_resumed_run_may_reduce_first(sparse_regression, tmp_path):
     report = resumed.reduce(X, y=y)
     assert report.total_delta_f == expected.total_delta_f
     assert torch.equal(resumed.bmr.masks["w"], saved.bmr.masks["w"])
+
+
+class _CallableBatches(list):
+    """Batches that can also be called (as some data wrappers can): iterated, not called."""
+
+    def __call__(self):
+        raise AssertionError("an iterable is iterated, never called")
+
+
+def test_data_that_is_iterable_is_iterated_even_if_callable(sparse_regression, capsys):
+    X, y, _ = sparse_regression
+    pyro.clear_param_store()
+    guide = AutoNormal(regression_model)
+    trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}))
+    trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2)  # progress shown by default
+    assert trainer.epochs_done == 2
+    assert "6/6" in capsys.readouterr().err  # tqdm's bar: 3 steps in each of 2 epochs
