@@ -366,4 +366,9 @@ def test_data_that_is_iterable_is_iterated_even_if_callable(sparse_regression, c
     trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}))
     trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2)  # progress shown by default
     assert trainer.epochs_done == 2
-    assert "6/6" in capsys.readouterr().err  # tqdm's bar: 3 steps in each of 2 epochs
+    bar = capsys.readouterr().err
+    assert "6/6" in bar and "step/s" in bar  # tqdm's bar: 3 steps in each of 2 epochs
+    trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2, steps_per_epoch=2)
+    assert "4/4" in capsys.readouterr().err  # steps_per_epoch caps the epoch and the bar
+    trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2, progress=False)
+    assert capsys.readouterr().err == ""
