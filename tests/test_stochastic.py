@@ -372,3 +372,6 @@ def test_data_that_is_iterable_is_iterated_even_if_callable(sparse_regression, c
     assert "4/4" in capsys.readouterr().err  # steps_per_epoch caps the epoch and the bar
     trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2, progress=False)
     assert capsys.readouterr().err == ""
+    # an iterable of unknown length: the bar counts steps without a total
+    trainer.fit(iter([(X, y)] * 5), num_epochs=1)
+    assert "5step" in capsys.readouterr().err
