@@ -83,7 +83,8 @@ class BayesianModelReduction:
         whole, and the inputs that a dead unit fed pruned with it (see
         :mod:`pyro_bmr.groups`). List them from input to output. A unit's ΔF is
         the sum of its elements' under a mean-field guide, and that of pruning them
-        together under a correlated one.
+        together under a correlated one. Needs the point mass at zero
+        (``reduced_loc=0``, ``reduced_scale=0``, ``joint=None``).
     :param bool prune_elements: with ``groups``, also prune single elements of the
         sites the groups touch (default); ``False`` prunes them by units only.
     :param model: the model; defaults to ``guide.model``.
@@ -130,10 +131,13 @@ class BayesianModelReduction:
         for group in self.groups:
             if not isinstance(group, UnitGroup):
                 raise TypeError(f"groups must be UnitGroup s, got {type(group).__name__}")
-        if self.groups and (joint is not None or reduced_scale != 0):
+        if self.groups and (joint is not None or reduced_scale != 0 or reduced_loc != 0):
+            # a unit held at a non-zero value still feeds the next layer: its readers
+            # would be pruned as if it were dead
             raise ValueError(
-                f"groups prune units to the point mass (reduced_scale=0, here {reduced_scale}) "
-                f"as the rule decides (joint=None, here {joint!r})"
+                f"groups prune units to the point mass at zero (reduced_loc=0, here "
+                f"{reduced_loc}; reduced_scale=0, here {reduced_scale}) as the rule decides "
+                f"(joint=None, here {joint!r})"
             )
         self.prune_elements = bool(prune_elements)
         self.guide = guide
