@@ -375,3 +375,24 @@ def test_data_that_is_iterable_is_iterated_even_if_callable(sparse_regression, c
     # an iterable of unknown length: the bar counts steps without a total
     trainer.fit(iter([(X, y)] * 5), num_epochs=1)
     assert "5step" in capsys.readouterr().err
+
+
+class _EpochSampler(torch.utils.data.SequentialSampler):
+    """A sampler that, like ``DistributedSampler``, is told each epoch's number."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+def test_fit_tells_the_sampler_each_epoch_and_resumes_its_count(sparse_regression):
+    X, y, _ = sparse_regression
+    dataset = TensorDataset(X, y)
+    sampler = _EpochSampler(dataset)
+    trainer = _trainer()
+    trainer.fit(DataLoader(dataset, batch_size=250, sampler=sampler), 2, progress=False)
+    trainer.fit(DataLoader(dataset, batch_size=250, sampler=sampler), 1, progress=False)
+    assert sampler.epochs == [0, 1, 2]
