@@ -396,3 +396,28 @@ def test_fit_tells_the_sampler_each_epoch_and_resumes_its_count(sparse_regressio
     trainer.fit(DataLoader(dataset, batch_size=250, sampler=sampler), 2, progress=False)
     trainer.fit(DataLoader(dataset, batch_size=250, sampler=sampler), 1, progress=False)
     assert sampler.epochs == [0, 1, 2]
+
+
+def test_history_records_each_reduction_with_the_epochs_mean_loss(sparse_regression):
+    X, y, _ = sparse_regression
+    trainer = _trainer(reduce_every=3)
+    losses, reports = [], []
+    step, reduce = trainer.step, trainer.reduce
+    trainer.step = lambda *a, **k: losses.append(step(*a, **k)) or losses[-1]
+    trainer.reduce = lambda *a, **k: reports.append(reduce(*a, **k)) or reports[-1]
+    halves = [(X[:250], y[:250]), (X[250:], y[250:])]
+    history = trainer.fit(halves, num_epochs=6, progress=False)
+    assert [h["epoch"] for h in history] == [2, 5]  # after the 3rd and the 6th epoch
+    for record, epoch, report in zip(history, (2, 5), reports):
+        assert set(record) == {
+            "epoch",
+            "loss",
+            "pruned_fraction",
+            "total_pruned_fraction",
+            "num_pruned",
+            "total_delta_f",
+        }
+        assert record["loss"] == pytest.approx(sum(losses[2 * epoch : 2 * epoch + 2]) / 2)
+        assert record["num_pruned"] == report.num_pruned
+        assert record["total_delta_f"] == report.total_delta_f
+    assert history[0]["num_pruned"] > 0
