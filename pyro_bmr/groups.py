@@ -293,11 +293,10 @@ def prune_units(
         num_units = first.num_units(masks[first.site].shape)
         was_alive = _alive(group, scoring, num_units)
         if rule.prunes(group.name):
-            alive = _alive(group, scoring, num_units)
             unit_df = unit_delta_f(group, scoring, num_units)
             # a NaN unit (opposite infinities in it) is kept: no evidence for either
             unit_df = torch.where(unit_df.isnan(), -torch.inf, unit_df)
-            keep = alive & rule.keep(unit_df, alive)
+            keep = was_alive & rule.keep(unit_df, was_alive)
             for member in group.members:
                 cut = member.expand(keep, masks[member.site].shape)
                 masks[member.site] = masks[member.site] & cut
