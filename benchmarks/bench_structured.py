@@ -128,8 +128,9 @@ def report(network, variant, model, guide, bmr, data, rounds, clock):
     units = unit_counts(unit_groups(model), bmr.masks)
     print(f"\n{network} / {variant}: {100 * bmr.sparsity().total:.1f}% of elements pruned")
     print("  units kept: " + ", ".join(f"{n} {c.kept}/{c.total}" for n, c in units.items()))
+    dense_accuracy = accuracy(dense, x_test, y_test)
     print(
-        f"  test accuracy {accuracy(dense, x_test, y_test):.4f} (exported "
+        f"  test accuracy {dense_accuracy:.4f} (exported "
         f"{accuracy(exported, x_test, y_test):.4f}); max |exported - reduced model| {diff:.1e}"
     )
     print(f"  exported: {exported}" if network.startswith("lenet") else "", end="")
@@ -154,7 +155,7 @@ def report(network, variant, model, guide, bmr, data, rounds, clock):
             "  dense network's time at batch 256 by layer: "
             + ", ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
         )
-    return accuracy(dense, x_test, y_test)
+    return dense_accuracy
 
 
 def main():

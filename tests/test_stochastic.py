@@ -174,11 +174,10 @@ def test_fit_counts_epochs_and_steps_exactly(sparse_regression):
 # -- checkpoints ----------------------------------------------------------------------
 
 
-def _trainer(seed=0, **kwargs):
+def _trainer(seed=0, model=regression_model, **kwargs):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = AutoNormal(regression_model)
-    return StochasticBMR(regression_model, guide, Adam({"lr": 0.05}), **kwargs)
+    return StochasticBMR(model, AutoNormal(model), Adam({"lr": 0.05}), **kwargs)
 
 
 def _run(X, y, epochs, *, resume=None, checkpoint=None, prepare=False):
@@ -320,18 +319,13 @@ def test_a_model_with_keyword_only_arguments_resumes(sparse_regression, tmp_path
     def model(X, *, y):
         regression_model(X, y)
 
-    def trainer():
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        return StochasticBMR(model, AutoNormal(model), Adam({"lr": 0.05}))
-
     path = tmp_path / "run.pt"
-    first = trainer()
+    first = _trainer(model=model)
     first.step(X, y=y)
     first.save_checkpoint(path)
     first.step(X, y=y)
     expected = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
-    resumed = trainer()
+    resumed = _trainer(model=model)
     resumed.load_checkpoint(path)  # the parameters are made at the first step, with y
     resumed.step(X, y=y)
     params = dict(pyro.get_param_store().named_parameters())
@@ -361,9 +355,7 @@ class _CallableBatches(list):
 
 def test_data_that_is_iterable_is_iterated_even_if_callable(sparse_regression, capsys):
     X, y, _ = sparse_regression
-    pyro.clear_param_store()
-    guide = AutoNormal(regression_model)
-    trainer = StochasticBMR(regression_model, guide, Adam({"lr": 0.05}))
+    trainer = _trainer()
     trainer.fit(_CallableBatches([(X, y)] * 3), num_epochs=2)  # progress shown by default
     assert trainer.epochs_done == 2
     bar = capsys.readouterr().err

@@ -4,8 +4,8 @@ Each notebook in ``tutorials/`` is executed by nbclient in a fresh ``python3``
 kernel whose working directory is ``tutorials/``, as when a reader opens it there.
 The kernel runs an in-memory copy; the executed copy is written to a temporary
 directory and the stored notebook, with its outputs, is never rewritten. The
-notebooks run concurrently, one kernel per core. The
-notebooks assert their own results, so a failing assertion in a cell fails the test.
+notebooks run concurrently, one kernel per core, and assert their own results, so a
+failing assertion in a cell fails the test.
 """
 
 import asyncio
@@ -76,19 +76,21 @@ async def _execute(name: str, slots: asyncio.Semaphore) -> tuple[object, float]:
 
 
 @pytest.fixture(scope="module")
-def executed() -> dict[str, tuple[object, float]]:
+def executed() -> dict[str, tuple[object, float, bool]]:
     """Every notebook executed, as many at a time as there are cores (each kernel
-    runs on one thread), before any stored file is compared."""
+    runs on one thread): name → (the executed notebook or the exception it raised,
+    its seconds, whether its stored file is unchanged afterwards)."""
     stored = {name: (TUTORIALS / name).read_bytes() for name in NOTEBOOKS}
 
     async def run_all():
         slots = asyncio.Semaphore(max(1, min(len(NOTEBOOKS), os.cpu_count() or 1)))
         return await asyncio.gather(*(_execute(name, slots) for name in NOTEBOOKS))
 
-    results = dict(zip(NOTEBOOKS, asyncio.run(run_all())))
-    for name in NOTEBOOKS:
-        results[name] += ((TUTORIALS / name).read_bytes() == stored[name],)
-    return results
+    runs = asyncio.run(run_all())
+    return {
+        name: (nb, seconds, (TUTORIALS / name).read_bytes() == stored[name])
+        for name, (nb, seconds) in zip(NOTEBOOKS, runs)
+    }
 
 
 @pytest.mark.slow
