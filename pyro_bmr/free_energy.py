@@ -208,10 +208,7 @@ def _repair(values: tuple, unsafe: torch.Tensor, inputs: tuple) -> tuple:
     shape = unsafe.shape
     args = [x.expand(shape)[unsafe] for x in inputs]
     safe = _log_domain(*args)
-    return tuple(
-        None if x is None else x.expand(shape).clone().masked_scatter_(unsafe, y)
-        for x, y in zip(values, safe)
-    )
+    return tuple(x.expand(shape).clone().masked_scatter_(unsafe, y) for x, y in zip(values, safe))
 
 
 def _validate_scales(sigma: torch.Tensor, s: torch.Tensor, s_red: torch.Tensor) -> None:

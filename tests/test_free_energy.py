@@ -6,7 +6,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pyro_bmr import delta_f
+from pyro_bmr import delta_f, free_energy
+from pyro_bmr.free_energy import spike_constants
 
 # the textbook formula cancels terms as far apart as 1e-2600 and 1e2600 (float64
 # extremes squared and divided), so the reference needs about 9000 bits
@@ -199,6 +200,9 @@ def _check_value(out, exact, inputs, dtype):
 
 @settings(max_examples=400, deadline=None, derandomize=True)
 @given(mu=_finite32, sigma=_positive32, m=_finite32, s=_positive32, m_red=_finite32)
+# (μ/σ)² overflows while ΔF ≈ −2.4e38 does not, with |μ| < 1: the log domain's
+# ln|μ − m̃| where both are below one
+@example(mu=0.5, sigma=2.27e-20, m=0.0, s=1.0, m_red=0.0)
 def test_spike_float32_never_nan_and_agrees_with_exact(mu, sigma, m, s, m_red):
     _check_against_exact(torch.float32, mu, sigma, m, s, m_red, 0.0)
 
@@ -245,6 +249,63 @@ def test_reduced_prior_wider_than_the_prior_float32_agrees_with_exact(
 )
 def test_spike_float64_never_nan_and_agrees_with_exact(mu, sigma, m, s):
     _check_against_exact(torch.float64, mu, sigma, m, s, 0.0, 0.0)
+
+
+def test_a_prior_broadcast_wider_than_the_posterior_gives_the_broadcast_shape():
+    # Normal(0, 1).expand(...) costs one element; ΔF still has every element's
+    prior_loc, prior_scale = torch.tensor(0.2).expand(3), torch.tensor(1.5).expand(3)
+    out = delta_f(torch.tensor(0.3), torch.tensor(0.1), prior_loc, prior_scale)
+    expected = math.log(1.5 / 0.1) - 0.5 * (0.3 / 0.1) ** 2 + 0.5 * (0.2 / 1.5) ** 2
+    assert out.delta_f.shape == out.loc.shape == out.scale.shape == (3,)
+    assert torch.allclose(out.delta_f, torch.full((3,), expected), rtol=1e-6)
+
+
+def test_spike_constants_are_one_value_for_a_broadcast_prior_else_one_per_element():
+    shape = torch.Size([2, 3])
+    m_red = torch.tensor(0.5)
+    log_s, d_sq = spike_constants(torch.tensor(0.0).expand(shape), torch.tensor(2.0), m_red, shape)
+    assert log_s.dim() == d_sq.dim() == 0
+    assert log_s.item() == pytest.approx(math.log(2.0)) and d_sq.item() == pytest.approx(1 / 16)
+    # a prior that varies along the last dimension only: one value per element, flat
+    prior_scale = torch.tensor([1.0, 2.0, 4.0])
+    log_s, d_sq = spike_constants(torch.zeros(()), prior_scale, m_red, shape)
+    assert log_s.shape == d_sq.shape == (6,)
+    assert torch.allclose(log_s, prior_scale.log().repeat(2))
+    assert torch.allclose(d_sq, (0.5 / prior_scale).square().repeat(2))
+    # without a shape, broadcastable to the prior
+    log_s, _ = spike_constants(torch.zeros(()), prior_scale, m_red)
+    assert log_s.shape == (3,)
+
+
+_ORDINARY = [
+    # (μ, σ, m, s, m̃, s̃): point masses, shrinking, shifting and widening priors, with
+    # every log-domain difference of either sign and terms below and above one
+    (0.3, 0.1, 0.2, 1.5, 0.0, 0.0),
+    (-0.05, 0.4, 0.0, 1.0, 0.1, 0.0),
+    (0.7, 0.2, 0.1, 0.5, -0.3, 0.25),
+    (0.01, 0.03, 0.0, 0.2, 0.0, 0.1),
+    (2.0, 0.5, -1.0, 3.0, 0.5, 1.0),
+    (0.4, 0.3, 0.0, 1.0, 0.0, 1.2),
+    (-0.2, 0.05, 0.1, 0.3, 0.15, 0.6),
+    (0.3, 0.2, 0.25, 0.8, 0.25, 0.79),
+]
+
+
+@pytest.mark.parametrize("values", _ORDINARY, ids=str)
+def test_the_log_domain_evaluation_agrees_with_exact_on_ordinary_values(values):
+    # the repair path is used only where the direct one overflows; it must give the
+    # same quantities everywhere, where its logarithms of differences are below zero
+    inputs = [torch.tensor([v], dtype=torch.float64) for v in values]
+    exact = [float(x) for x in _exact(*values)]
+    got = [t.item() for t in free_energy._log_domain(*inputs)]
+    assert got == pytest.approx(exact, rel=1e-11, abs=1e-12)
+
+
+def test_log1mexp_is_accurate_on_both_sides_of_the_switch():
+    for x in (-1e-12, -1e-6, -0.5, -0.6931, -0.6932, -1.0, -30.0, -700.0):
+        got = free_energy._log1mexp(torch.tensor(x, dtype=torch.float64)).item()
+        exact = float(mpmath.log(1 - mpmath.exp(mpmath.mpf(x))))
+        assert got == pytest.approx(exact, rel=1e-14), x
 
 
 def test_float32_agrees_with_the_savage_dickey_ratio_on_typical_values():

@@ -347,6 +347,59 @@ def test_soft_reduced_prior_updates_kept_posteriors(sparse_regression):
         BayesianModelReduction(guide, update_posterior=True)
 
 
+def test_soft_reduced_prior_repairs_out_of_range_elements_and_their_posteriors():
+    # (μ/s̃)² overflows float32 for the first two elements, while their ΔF (about
+    # −1.7e38) and reduced posterior do not: both come from the log domain
+    def model():
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([6]).to_event(1))
+
+    guide = AutoNormal(model)
+    guide()
+    with torch.no_grad():
+        pyro.param("AutoNormal.locs.w").unconstrained().copy_(
+            torch.tensor([1.2e19, -1.2e19, 0.2, 0.0, 1e-3, 2.5])
+        )
+        pyro.param("AutoNormal.scales.w").unconstrained().copy_(
+            torch.tensor([0.3, 0.3, 0.1, 0.4, 0.05, 0.2]).log()
+        )
+    loc, scale = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+    expected = delta_f(loc, scale, 0.0, 1.0, 0.0, 0.5)
+    assert torch.isfinite(expected.delta_f).all() and (expected.delta_f[:2] < -1e38).all()
+    bmr = BayesianModelReduction(guide, reduced_scale=0.5, update_posterior=True)
+    report = bmr.reduce()
+    assert torch.equal(report.delta_f["w"], expected.delta_f)
+    keep = expected.delta_f <= 0
+    assert torch.equal(bmr.masks["w"], keep) and keep[:2].all() and not keep.all()
+    assert torch.equal(guide.locs.w.detach()[keep], expected.loc[keep])
+    assert torch.allclose(guide.scales.w.detach()[keep], expected.scale[keep], rtol=1e-6)
+    assert (guide.locs.w.detach()[~keep] == 0).all()
+
+
+def test_a_reduced_prior_equal_to_the_prior_scores_zero_where_kappa_underflows():
+    # s̃ = s = 1e-20 ≪ σ: κ = (s̃/σ)² underflows float32, and the direct evaluation's
+    # rounding, divided by κ, gives ΔF 3.8e-6 for the second element (pruned) where
+    # the exact value is 0: the log domain must redo these elements
+    def model():
+        pyro.sample("w", dist.Normal(0.0, 1e-20).expand([3]).to_event(1))
+
+    guide = AutoNormal(model)
+    guide()
+    with torch.no_grad():
+        pyro.param("AutoNormal.locs.w").unconstrained().copy_(torch.tensor([0.7, -0.3, 1.5]))
+        pyro.param("AutoNormal.scales.w").unconstrained().copy_(torch.tensor([-0.7, 0.5, 0.2]))
+    loc, scale = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+    expected = delta_f(loc, scale, 0.0, 1e-20, 0.0, 1e-20)
+    bmr = BayesianModelReduction(guide, reduced_scale=1e-20, update_posterior=True)
+    report = bmr.reduce()
+    assert torch.equal(report.delta_f["w"], torch.zeros(3))
+    assert bmr.masks["w"].all()
+    assert torch.equal(guide.locs.w.detach(), loc)
+    # the exact reduced posterior is q itself; the log domain loses |ln s̃| ≈ 46 ulps,
+    # and the guide keeps the scale through softplus
+    assert torch.allclose(guide.scales.w.detach(), expected.scale, rtol=1e-6)
+    assert torch.allclose(guide.scales.w.detach(), scale, rtol=1e-5)
+
+
 def test_handler_works_as_a_context_manager(sparse_regression):
     X, y, guide, bmr = _fitted_and_reduced(sparse_regression, steps=100)
     with bmr:

@@ -6,6 +6,8 @@
 #   tools/mutation.sh pyro_bmr/rules.py     # some of them
 #   MUTMUT_TESTS="tests/test_free_energy.py tests/test_kernels.py" tools/mutation.sh ...
 #                                           # mutants judged by these tests only
+#   MUTMUT_ONLY="*_find* *check*" tools/mutation.sh pyro_bmr/reduction.py
+#                                           # only the mutants whose names match
 #
 # It works on a copy of the working tree in a temporary directory (mutmut rewrites
 # the sources it mutates), prints the count per outcome, then every survivor with
@@ -43,7 +45,8 @@ cd "$work"
   for t in ${MUTMUT_TESTS:-tests}; do echo "    $t"; done
   echo "process_isolation = forkserver"
 } >> setup.cfg
-mutmut run --max-children "${MUTMUT_CHILDREN:-2}" || true
+# shellcheck disable=SC2086  # the patterns are words on purpose
+mutmut run --max-children "${MUTMUT_CHILDREN:-2}" ${MUTMUT_ONLY:-} || true
 echo
 mutmut results --all true 2>/dev/null | awk -F': ' '{print $2}' | sort | uniq -c
 echo
