@@ -1,4 +1,5 @@
 import math
+import re
 
 import mpmath
 import pytest
@@ -117,19 +118,42 @@ def test_broadcasting_dtype_and_device_follow_inputs():
     assert torch.allclose(out64.delta_f.float(), out.delta_f, rtol=1e-6)
 
 
+_TOO_WIDE = (
+    "delta_f: the reduced prior is too wide for the posterior: the reduced posterior "
+    "precision is not positive at 1 element(s); a reduced prior wider than the full prior "
+    "needs σ² (1/s² − 1/s̃²) < 1"
+)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((0.0, 0.0, 0.0, 1.0), "scale must be finite and positive"),
-        ((0.0, float("nan"), 0.0, 1.0), "scale must be finite and positive"),
-        ((0.0, 1.0, 0.0, -1.0), "prior_scale must be finite and positive"),
-        ((0.0, 1.0, 0.0, 1.0, 0.0, -0.5), "reduced_scale must be finite and non-negative"),
-        ((0.0, 2.0, 0.0, 1.0, 0.0, 3.0), "reduced prior is too wide"),
+        ((0.0, 0.0, 0.0, 1.0), "delta_f: scale must be finite and positive, got 0.0"),
+        ((0.0, float("nan"), 0.0, 1.0), "delta_f: scale must be finite and positive, got nan"),
+        ((0.0, 1.0, 0.0, -1.0), "delta_f: prior_scale must be finite and positive, got -1.0"),
+        (
+            (0.0, 1.0, 0.0, 1.0, 0.0, -0.5),
+            "delta_f: reduced_scale must be finite and non-negative, got -0.5",
+        ),
+        ((0.0, 2.0, 0.0, 1.0, 0.0, 3.0), _TOO_WIDE),
+        # κ = 1 + σ²/s̃² − σ²/s² is exactly 0 here (s̃/s = 1.25, σ/s̃ = 4/3)
+        ((0.0, 4.0, 0.0, 2.4, 0.0, 3.0), _TOO_WIDE),
     ],
 )
 def test_bad_input_raises(args, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         delta_f(*[torch.tensor(a) for a in args])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_reduced_prior_wider_than_the_prior_is_valid_while_kappa_is_positive(dtype):
+    # σ > s̃ > s: κ = (s̃/σ)² + 1 − (s̃/s)² = 0.63; and the reduced scale a number
+    # other than 0, which is not the point mass
+    for args in ((0.3, 1.2, 0.0, 1.0, 0.0, 1.1), (0.3, 0.2, 0.1, 2.0, 0.0, 1.0)):
+        exact = [float(x) for x in _exact(*args)]
+        out = delta_f(torch.tensor(args[0], dtype=dtype), *args[1:])
+        got = [x.item() for x in out]
+        assert got == pytest.approx(exact, rel=10 * torch.finfo(dtype).eps), args
 
 
 def test_extreme_values_stay_finite_or_overflow_with_the_right_sign():
