@@ -257,13 +257,12 @@ def _log_domain(mu, sigma, m, s, m_red, s_red) -> tuple:
     log_g = torch.maximum(log_sigma, log_s_red)
     la, lb = log_sigma - log_g, log_s_red - log_g
     lt = log_s_red - log_s
-    # ln w with w = 1 − t², and ln κ = ln(b² + a² w)
+    # ln |w| with w = 1 − t², and ln κ = ln(b² + a² w), w ≥ 0 where t ≤ 1
     t = torch.exp(lt)
-    w = (1 - t) * (1 + t)
     log_abs_w = torch.where(t < 0.5, torch.log1p(-t * t), torch.log((1 - t).abs()) + torch.log1p(t))
     log_kappa_pos = torch.logaddexp(2 * lb, 2 * la + log_abs_w)
     log_kappa_neg = 2 * lb + _log1mexp(torch.clamp(2 * la + log_abs_w - 2 * lb, max=0.0))
-    log_kappa = torch.where(w >= 0, log_kappa_pos, log_kappa_neg)
+    log_kappa = torch.where(t <= 1, log_kappa_pos, log_kappa_neg)
 
     l_red = 2 * (_log_abs_diff(mu, m_red) - log_g)
     # ln b/s as ln(s̃/s) − ln g (= lb − ln s): exact when s̃ = s, where κ = b² can
