@@ -265,6 +265,13 @@ class BayesianModelReduction:
             self.posterior.prepare(*args, **kwargs)
         sites = self.sites(*args, **kwargs)
         if cached and any(site.dynamic for site in sites.values()):
+            if not (args or kwargs) and self._signature != arguments_signature((), {}):
+                dynamic = sorted(name for name, site in sites.items() if site.dynamic)
+                raise ValueError(
+                    f"the priors of sites {dynamic} are learned or computed, and reduce() "
+                    "reads them afresh by running the model: pass it the model's arguments, "
+                    "as when the sites were found"
+                )
             values = {name: self.posterior.loc_scale(name)[0] for name in sites}
             values = {n: v for n, v in values.items() if not sites[n].local}
             sites = self._sites = read_priors(self.model, sites, values, *args, **kwargs)
@@ -278,7 +285,6 @@ class BayesianModelReduction:
         """
         if self._sites is None:
             raise MaskError("set_mask needs the sites: call reduce() or sites(*args) first")
-        self._require_validated("set_mask")
         check_mask(name, mask, self._site(name).shape)
         loc, _ = self.posterior.loc_scale(name)
         self._masks[name] = mask.to(loc.device).clone()
@@ -328,7 +334,8 @@ class BayesianModelReduction:
         :returns: the :class:`~pyro_bmr.ReductionReport`.
         :raises ValueError: naming the site, for NaN or infinite guide locations,
             non-finite or non-positive guide scales, a reduced prior too wide for the
-            posterior, or a model whose structure changed.
+            posterior, a model whose structure changed, or no arguments where a
+            prior learned or computed is to be read afresh by running the model.
         """
         sites = self._current_sites(*args, **kwargs)
         if self.update_posterior and not isinstance(self.posterior, CorrelatedPosterior):

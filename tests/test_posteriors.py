@@ -232,6 +232,21 @@ def test_guide_function_is_reduced_through_its_params(data):
     torch.testing.assert_close(report.delta_f["w"][keep], expected[keep])
 
 
+def test_keyword_arguments_reach_the_model_and_the_guide_at_every_reduction(data):
+    X, y = data
+    _fit(guide, X, y)
+    bmr = BayesianModelReduction(guide, model=model)
+    bmr.reduce(X=X, y=y)
+    # the guide function is traced again with them: its scales are read as they are now
+    with torch.no_grad():
+        pyro.param("w_rho").sub_(1.0)
+    loc, scale = pyro.param("w_loc").detach().clone(), F.softplus(pyro.param("w_rho")).detach()
+    keep = bmr.masks["w"].clone()
+    report = bmr.reduce(X=X, y=y)
+    expected = delta_f(loc, scale, 0.0, 1.0).delta_f
+    torch.testing.assert_close(report.delta_f["w"][keep], expected[keep])
+
+
 def test_naming_a_site_whose_loc_is_no_param_is_an_error(data):
     X, y = data
     with pytest.raises(

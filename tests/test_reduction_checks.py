@@ -1,6 +1,7 @@
 """No silent wrong answer from BayesianModelReduction: each case either works
 correctly or raises an error that names the site and changes nothing."""
 
+import re
 import warnings
 
 import pyro
@@ -42,6 +43,30 @@ def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
     expected = delta_f(loc, scale, 0.0, 2.013).delta_f
     kept = bmr.masks["w"]
     assert torch.allclose(report.delta_f["w"][kept], expected[kept], rtol=1e-5)
+
+
+def test_a_learned_prior_without_the_model_arguments_is_a_clear_error(sparse_regression):
+    X, y, _ = sparse_regression
+
+    def model(X, y=None):
+        s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, s).expand([X.shape[1]]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+    guide = AutoNormal(model)
+    fit(model, guide, X, y, steps=100)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    masks, before = dict(bmr.masks), _params()
+    message = (
+        "the priors of sites ['w'] are learned or computed, and reduce() reads them afresh "
+        "by running the model: pass it the model's arguments, as when the sites were found"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        bmr.reduce()
+    assert all(torch.equal(bmr.masks[n], m) for n, m in masks.items())
+    assert all(torch.equal(v, before[k]) for k, v in _params().items())
 
 
 def test_a_tempered_prior_is_scored_as_the_model_runs_it():
@@ -96,8 +121,15 @@ def test_reducing_an_unfitted_guide_warns(sparse_regression):
     X, y, _ = sparse_regression
     guide = AutoNormal(regression_model)
     bmr = BayesianModelReduction(guide)
-    with pytest.warns(UserWarning, match="guide looks unfitted"):
+    with pytest.warns(UserWarning, match="guide looks unfitted") as caught:
         bmr.reduce(X, y)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
+    # two elements are enough to tell
+    pyro.clear_param_store()
+    pair = AutoNormal(lambda: pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1)))
+    pair()
+    with pytest.warns(UserWarning, match=r"every guide scale of the sites \['w'\] is 0.1"):
+        BayesianModelReduction(pair).reduce()
     fitted = AutoNormal(regression_model, init_scale=0.05)
     pyro.clear_param_store()
     fit(regression_model, fitted, X, y, steps=20)

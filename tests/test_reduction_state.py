@@ -85,12 +85,12 @@ def test_pending_masks_survive_a_check_that_is_too_early_then_install():
     assert bmr.sparsity().num_pruned == 2
 
 
-@pytest.mark.parametrize("what", ["sparsity", "masks"])
+@pytest.mark.parametrize("what", ["sparsity", "masks", "units"])
 def test_pending_masks_name_the_call_that_needs_them_checked(what):
     bmr = BayesianModelReduction(AutoNormal(_sized_model))
     bmr.load_state_dict({"masks": _masks()})
     with pytest.raises(MaskError, match=rf"^{what}: the masks loaded by load_state_dict are"):
-        getattr(bmr, what)() if what == "sparsity" else bmr.masks
+        bmr.masks if what == "masks" else getattr(bmr, what)()
 
 
 def test_reset_drops_masks_still_waiting_for_their_check():
