@@ -1,4 +1,5 @@
 import io
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -243,7 +244,7 @@ def test_a_guide_that_is_not_gaussian_is_rejected():
 def test_unsupported_guide_and_rule_types_are_rejected():
     with pytest.raises(TypeError, match="unsupported guide type"):
         BayesianModelReduction(pyro.infer.autoguide.AutoLaplaceApproximation(regression_model))
-    with pytest.raises(TypeError, match="rule must be a PruningRule"):
+    with pytest.raises(TypeError, match="^rule must be a PruningRule, got float$"):
         BayesianModelReduction(AutoNormal(regression_model), rule=0.5)
 
 
@@ -343,8 +344,14 @@ def test_soft_reduced_prior_updates_kept_posteriors(sparse_regression):
     assert torch.allclose(guide.locs.w.detach()[keep], reduced.loc[keep], rtol=1e-5)
     assert torch.allclose(guide.scales.w.detach()[keep], reduced.scale[keep], rtol=1e-4)
     assert (guide.locs.w.detach()[~keep] == 0).all()
-    with pytest.raises(ValueError, match="update_posterior needs a soft reduced prior"):
+    message = (
+        "update_posterior needs a soft reduced prior (reduced_scale > 0): under the point "
+        "mass the reduced posterior of a pruned element is exactly zero"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         BayesianModelReduction(guide, update_posterior=True)
+    with pytest.raises(ValueError, match="^reduced_scale must be non-negative, got -0.1$"):
+        BayesianModelReduction(guide, reduced_scale=-0.1)
 
 
 def test_soft_reduced_prior_repairs_out_of_range_elements_and_their_posteriors():

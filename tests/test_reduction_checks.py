@@ -45,7 +45,7 @@ def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
     assert torch.allclose(report.delta_f["w"][kept], expected[kept], rtol=1e-5)
 
 
-def test_a_learned_prior_without_the_model_arguments_is_a_clear_error(sparse_regression):
+def test_a_learned_prior_read_with_keywords_or_without_arguments_a_clear_error(sparse_regression):
     X, y, _ = sparse_regression
 
     def model(X, y=None):
@@ -57,7 +57,16 @@ def test_a_learned_prior_without_the_model_arguments_is_a_clear_error(sparse_reg
     guide = AutoNormal(model)
     fit(model, guide, X, y, steps=100)
     bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    bmr.reduce(X=X, y=y)
+    # read afresh from a run with keyword arguments, which draws no random number
+    with torch.no_grad():
+        pyro.param("prior_scale").unconstrained().fill_(torch.tensor(2.013).log())
+    loc, scale = (t.clone() for t in bmr.posterior.loc_scale("w"))
+    kept, rng = bmr.masks["w"], torch.get_rng_state()
+    report = bmr.reduce(X=X, y=y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    expected = delta_f(loc, scale, 0.0, 2.013).delta_f
+    assert torch.allclose(report.delta_f["w"][kept], expected[kept], rtol=1e-5)
     masks, before = dict(bmr.masks), _params()
     message = (
         "the priors of sites ['w'] are learned or computed, and reduce() reads them afresh "
@@ -103,6 +112,23 @@ def test_a_bad_guide_location_raises_and_changes_nothing(bad, guide_cls, sparse_
     after = _params()
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
     assert dict(bmr.masks) == {}
+
+
+def test_arguments_of_the_same_shapes_reuse_the_sites_without_tracing_again(sparse_regression):
+    X, y, _ = sparse_regression
+    calls = []
+
+    def model(X, y=None):
+        calls.append(1)
+        regression_model(X, y)
+
+    guide = AutoNormal(model)
+    fit(model, guide, X, y, steps=20)
+    bmr = BayesianModelReduction(guide)
+    bmr.reduce(X, y)
+    calls.clear()
+    bmr.reduce(X + 1, y)  # other values, the same shapes: a prior that is fixed is not read
+    assert calls == []
 
 
 def test_arguments_of_another_shape_are_checked_not_ignored(sparse_regression):
@@ -249,9 +275,26 @@ def test_local_latents_are_left_alone_by_default():
     fit(subsampled_model, guide, X, y, steps=30)
     report = BayesianModelReduction(guide).reduce(X, y)
     assert set(report.delta_f) == {"w"}
-    assert "local latent" in report.skipped["z"]
+    assert report.skipped == {
+        "z": "a local latent (in a data plate); local_latents=True reduces it"
+    }
     report = BayesianModelReduction(guide, local_latents=True).reduce(X, y)
     assert set(report.delta_f) == {"w", "z"}
+    report = BayesianModelReduction(guide, local_latents=True, sites=["z"]).reduce(X, y)
+    assert set(report.delta_f) == {"z"} and report.skipped == {"w": "not requested"}
+
+
+def test_a_site_the_guide_does_not_cover_is_listed_as_skipped():
+    def model():
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.sample("v", dist.Normal(0.0, 1.0))
+
+    guide = AutoNormal(poutine.block(model, hide=["v"]))
+    guide()
+    with torch.no_grad():
+        pyro.param("AutoNormal.scales.w").unconstrained().copy_(torch.tensor([0.1, 0.2, 0.3]))
+    report = BayesianModelReduction(guide, model=model).reduce()
+    assert set(report.delta_f) == {"w"} and report.skipped == {"v": "not in the guide"}
 
 
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])

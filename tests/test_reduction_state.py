@@ -1,5 +1,7 @@
 """Masks set, reset, saved and restored: each path keeps or refuses, never loses."""
 
+import re
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -89,7 +91,12 @@ def test_pending_masks_survive_a_check_that_is_too_early_then_install():
 def test_pending_masks_name_the_call_that_needs_them_checked(what):
     bmr = BayesianModelReduction(AutoNormal(_sized_model))
     bmr.load_state_dict({"masks": _masks()})
-    with pytest.raises(MaskError, match=rf"^{what}: the masks loaded by load_state_dict are"):
+    message = (
+        f"{what}: the masks loaded by load_state_dict are checked against the model's sites "
+        "at their first use; call sites(*args) (or reduce, or run bmr(model)) with the "
+        "model's arguments first"
+    )
+    with pytest.raises(MaskError, match=f"^{re.escape(message)}$"):
         bmr.masks if what == "masks" else getattr(bmr, what)()
 
 
