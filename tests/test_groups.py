@@ -243,7 +243,7 @@ def test_bad_groups_are_refused_naming_the_group_and_the_site():
         BayesianModelReduction(guide, groups=[UnitGroup("g", (Member("b1", 2),))]).reduce(X, Y)
     with pytest.raises(MaskError, match="two unit groups are named 'hidden'"):
         BayesianModelReduction(guide, groups=[HIDDEN, HIDDEN]).reduce(X, Y)
-    with pytest.raises(TypeError, match="groups must be UnitGroup"):
+    with pytest.raises(TypeError, match="^groups must be UnitGroup s, got str$"):
         BayesianModelReduction(guide, groups=["w1"])
     with pytest.raises(ValueError, match="period 3 must be a positive multiple of unit_size 2"):
         Member("w1", 0, unit_size=2, period=3)

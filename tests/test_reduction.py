@@ -44,6 +44,7 @@ def test_reduce_prunes_the_null_coefficients_and_zeroes_them(sparse_regression):
     guide = AutoNormal(regression_model)
     fit(regression_model, guide, X, y)
     bmr = BayesianModelReduction(guide)
+    assert bmr.guide is guide and bmr.model is guide.model
     kept_before = guide.locs.w.detach().clone()
     report = bmr.reduce(X, y)
 
