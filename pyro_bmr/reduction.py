@@ -65,7 +65,8 @@ class BayesianModelReduction:
         plate, or a plate that holds observed data), which are left alone by default:
         pruning is a statement about the model's parameters, not about single data
         points.
-    :param float reduced_loc: mean :math:`\\tilde m` of the reduced prior.
+    :param float reduced_loc: mean :math:`\\tilde m` of the reduced prior; 0 under
+        the point mass, since pruned elements are fixed at zero.
     :param float reduced_scale: scale :math:`\\tilde s` of the reduced prior used
         for scoring; 0 (default) is the point mass.
     :param bool update_posterior: after scoring with a soft reduced prior
@@ -111,6 +112,15 @@ class BayesianModelReduction:
             raise TypeError(f"rule must be a PruningRule, got {type(rule).__name__}")
         if not reduced_scale >= 0:
             raise ValueError(f"reduced_scale must be non-negative, got {reduced_scale}")
+        if reduced_scale == 0 and reduced_loc != 0:
+            # the masks pin a pruned element at zero: it would be scored at one value
+            # and run at another
+            raise ValueError(
+                f"reduced_loc={reduced_loc} with the point mass (reduced_scale=0) scores the "
+                f"model with each pruned element fixed at {reduced_loc}, but pruning fixes it "
+                "at 0: use reduced_loc=0, a soft reduced prior (reduced_scale > 0), or "
+                "pyro_bmr.delta_f for the scores alone"
+            )
         self.posterior: MeanFieldPosterior = mean_field_posterior(guide)
         correlated = isinstance(self.posterior, CorrelatedPosterior)
         if update_posterior and reduced_scale == 0 and not correlated:

@@ -181,3 +181,30 @@ def test_fused_pass_leaves_an_excluded_site_whole(compiled):
     for name in ("w", "b"):
         assert torch.allclose(report.delta_f[name], plain[name], rtol=1e-5, atol=1e-5)
     assert torch.equal(bmr.masks["w"], plain["w"] <= 0)
+
+
+def test_fused_reduce_in_float64_with_a_prior_varying_by_column(compiled):
+    # the prior's mean varies along the columns only (a stride-0 expand): its terms
+    # are flattened over the site for the flat pass
+    def model():
+        prior_loc = torch.linspace(-1, 1, 30, dtype=torch.float64).expand(40, 30)
+        pyro.sample("w", dist.Normal(prior_loc, 0.5).to_event(2))
+
+    pyro.clear_param_store()
+    guide = MeanFieldGuide(model, init_scale=0.05)
+    guide()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        guide.loc_unconstrained.copy_(torch.randn(1200, generator=g, dtype=torch.float64))
+        guide.scale_unconstrained.add_(0.5 * torch.randn(1200, generator=g, dtype=torch.float64))
+    loc, scale = (t.clone() for t in BayesianModelReduction(guide).posterior.loc_scale("w"))
+    assert loc.dtype == torch.float64 and loc.shape == (40, 30)
+    prior_loc = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    expected = delta_f(loc, scale, prior_loc, 0.5).delta_f
+    bmr = BayesianModelReduction(guide)
+    report = bmr.reduce()
+    assert _kernels._spike_prune in _kernels._compiled  # the fused in-place pass ran
+    assert torch.allclose(report.delta_f["w"], expected, rtol=1e-12, atol=1e-10)
+    keep = expected <= 0
+    assert torch.equal(bmr.masks["w"], keep) and 0 < int(keep.sum()) < 1200
+    assert (bmr.posterior.loc_scale("w")[0][~keep] == 0).all()

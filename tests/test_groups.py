@@ -308,4 +308,6 @@ def test_groups_prune_to_the_point_mass_as_the_rule_decides():
         BayesianModelReduction(AutoNormal(model), groups=[HIDDEN], reduced_scale=0.1)
     # a unit held at 1 is not dead: what reads it still touches the likelihood
     with pytest.raises(ValueError, match=r"point mass at zero \(reduced_loc=0, here 1.0"):
-        BayesianModelReduction(AutoNormal(model), groups=[HIDDEN], reduced_loc=1.0)
+        BayesianModelReduction(
+            AutoNormal(model), groups=[HIDDEN], reduced_loc=1.0, reduced_scale=0.1
+        )

@@ -297,8 +297,18 @@ def test_a_site_the_guide_does_not_cover_is_listed_as_skipped():
     assert set(report.delta_f) == {"w"} and report.skipped == {"v": "not in the guide"}
 
 
+def test_a_point_mass_away_from_zero_is_refused_since_pruning_fixes_elements_at_zero():
+    message = (
+        "reduced_loc=0.5 with the point mass (reduced_scale=0) scores the model with each "
+        "pruned element fixed at 0.5, but pruning fixes it at 0: use reduced_loc=0, a soft "
+        "reduced prior (reduced_scale > 0), or pyro_bmr.delta_f for the scores alone"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        BayesianModelReduction(AutoNormal(regression_model), reduced_loc=0.5)
+
+
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
-@pytest.mark.parametrize("reduced_scale", [0.0, 0.3])
+@pytest.mark.parametrize("reduced_scale", [1e-3, 0.3])
 def test_reduce_scores_the_reduced_prior_it_is_given(guide_cls, reduced_scale, sparse_regression):
     X, y, _ = sparse_regression
     guide = guide_cls(regression_model)
