@@ -123,6 +123,26 @@ def test_joint_delta_f_is_the_exact_evidence_where_mean_field_is_not(diabetes, k
 
 
 @pytest.mark.parametrize("kind", GUIDES, ids=lambda k: k.__name__)
+def test_a_second_reduction_scores_against_the_model_the_first_left(diabetes, kind):
+    # after the first reduction the guide holds the reduced model's exact posterior;
+    # the elements pruned then are outside the model the second one reduces further
+    X, y = diabetes
+    guide = exact_guide(kind, X, y)
+    bmr = BayesianModelReduction(guide, ThresholdRule(2.0), update_posterior=True)
+    bmr.reduce(X, y)
+    first = kept(bmr)
+    bmr.rule = ThresholdRule(0.0)
+    report = bmr.reduce(X, y)
+    second = kept(bmr)
+    assert 0 < int((first & ~second).sum()) and int(second.sum()) > 0
+    assert not (second & ~first).any()
+    exact = log_evidence(X, y, second) - log_evidence(X, y, first)
+    assert report.joint_delta_f == pytest.approx(float(exact), rel=1e-6)
+    loc, _ = exact_posterior(X, y, second)
+    torch.testing.assert_close(guide.get_posterior().loc.detach()[second], loc)
+
+
+@pytest.mark.parametrize("kind", GUIDES, ids=lambda k: k.__name__)
 def test_update_posterior_writes_the_exact_reduced_posterior(diabetes, kind):
     X, y = diabetes
     guide = exact_guide(kind, X, y)
