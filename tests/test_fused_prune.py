@@ -208,3 +208,29 @@ def test_fused_reduce_in_float64_with_a_prior_varying_by_column(compiled):
     keep = expected <= 0
     assert torch.equal(bmr.masks["w"], keep) and 0 < int(keep.sum()) < 1200
     assert (bmr.posterior.loc_scale("w")[0][~keep] == 0).all()
+
+
+def test_a_soft_reduced_prior_takes_the_plain_path_and_scores_the_soft_prior(compiled):
+    guide = _guide(seed=5)
+    plain = {}
+    for name, site in BayesianModelReduction(guide).sites().items():
+        loc, scale = BayesianModelReduction(guide).posterior.loc_scale(name)
+        plain[name] = delta_f(loc, scale, site.prior_loc, site.prior_scale, 0.0, 0.3).delta_f
+    report = BayesianModelReduction(guide, reduced_scale=0.3).reduce()
+    assert _kernels._spike_prune not in _kernels._compiled  # the point-mass pass did not run
+    for name, df in plain.items():
+        assert torch.allclose(report.delta_f[name], df, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("minimum, fused", [(1000, True), (1 << 20, False)])
+def test_by_default_the_fused_pass_runs_on_a_reduction_big_enough(compiled, minimum, fused):
+    # auto mode with the sizes scaled down: the whole reduction (1,230 elements) decides
+    compiled.setenv(_kernels.ENV_VAR, "auto")
+    compiled.setattr(_kernels, "COMPILE_MIN_NUMEL", minimum)
+    compiled.setattr(_kernels, "COMPILE_MIN_SITE", 100)
+    bmr = BayesianModelReduction(_guide())
+    plain = _plain(bmr)
+    report = bmr.reduce()
+    assert (_kernels._spike_prune in _kernels._compiled) == fused
+    for name, (_, df) in plain.items():
+        assert torch.allclose(report.delta_f[name], df, rtol=1e-6, atol=1e-5)
