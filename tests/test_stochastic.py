@@ -48,6 +48,7 @@ def test_data_loader_reduce_every_and_callback(sparse_regression):
         loader, num_epochs=4, progress=False, callback=lambda e, t: seen.append((e, t is trainer))
     )
     assert seen == [(0, True), (1, True), (2, True), (3, True)]
+    assert trainer.bmr.model is regression_model  # the model given, not the guide's copy
     assert [h["epoch"] for h in trainer.history] == [1, 3]
     trainer.fit(loader, num_epochs=2, progress=False)
     assert trainer.epochs_done == 6 and trainer.history[-1]["epoch"] == 5
