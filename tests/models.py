@@ -25,6 +25,17 @@ def regression_model(X, y=None, noise=0.5):
         pyro.sample("y", dist.Normal((X * w.unsqueeze(-2)).sum(-1), noise), obs=y)
 
 
+def counted(model):
+    """``model`` that records each call in the returned list."""
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        return model(*args, **kwargs)
+
+    return run, calls
+
+
 def subsampled_model(X, y=None, batch=64):
     """Global weights plus a per-datum offset in a subsampled plate."""
     d = X.shape[-1]

@@ -16,29 +16,37 @@ from pyro.optim import Adam
 from pyro_bmr import BayesianModelReduction, CompiledTrace_ELBO, MaskError, StochasticBMR, delta_f
 from pyro_bmr.sites import StructureError
 
-from .models import fit, regression_model, subsampled_model
+from .models import counted, fit, regression_model, subsampled_model
 
 
 def _params():
     return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
 
-def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
-    X, y, _ = sparse_regression
+def _learned_prior_model(X, y=None):
+    s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+    w = pyro.sample("w", dist.Normal(0.0, s).expand([X.shape[1]]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
 
-    def model(X, y=None):
-        s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-        w = pyro.sample("w", dist.Normal(0.0, s).expand([X.shape[1]]).to_event(1))
-        with pyro.plate("data", X.shape[0]):
-            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
 
-    guide = AutoNormal(model)
-    fit(model, guide, X, y, steps=100)
+def _with_prior_moved(data, *args, **kwargs):
+    """The learned-prior model fitted to ``data``, reduced once with these arguments,
+    and its prior scale then moved to 2.013: the handler, and the posterior's loc and
+    scale."""
+    guide = AutoNormal(_learned_prior_model)
+    fit(_learned_prior_model, guide, *data, steps=100)
     bmr = BayesianModelReduction(guide)
-    bmr.reduce(X, y)
+    bmr.reduce(*args, **kwargs)
     with torch.no_grad():
         pyro.param("prior_scale").unconstrained().fill_(torch.tensor(2.013).log())
     loc, scale = (t.clone() for t in bmr.posterior.loc_scale("w"))
+    return bmr, loc, scale
+
+
+def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
+    X, y, _ = sparse_regression
+    bmr, loc, scale = _with_prior_moved((X, y), X, y)
     report = bmr.reduce(X, y)
     expected = delta_f(loc, scale, 0.0, 2.013).delta_f
     kept = bmr.masks["w"]
@@ -47,21 +55,8 @@ def test_a_learned_prior_is_read_afresh_at_every_reduction(sparse_regression):
 
 def test_a_learned_prior_read_with_keywords_or_without_arguments_a_clear_error(sparse_regression):
     X, y, _ = sparse_regression
-
-    def model(X, y=None):
-        s = pyro.param("prior_scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-        w = pyro.sample("w", dist.Normal(0.0, s).expand([X.shape[1]]).to_event(1))
-        with pyro.plate("data", X.shape[0]):
-            pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
-
-    guide = AutoNormal(model)
-    fit(model, guide, X, y, steps=100)
-    bmr = BayesianModelReduction(guide)
-    bmr.reduce(X=X, y=y)
+    bmr, loc, scale = _with_prior_moved((X, y), X=X, y=y)
     # read afresh from a run with keyword arguments, which draws no random number
-    with torch.no_grad():
-        pyro.param("prior_scale").unconstrained().fill_(torch.tensor(2.013).log())
-    loc, scale = (t.clone() for t in bmr.posterior.loc_scale("w"))
     kept, rng = bmr.masks["w"], torch.get_rng_state()
     report = bmr.reduce(X=X, y=y)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -116,12 +111,7 @@ def test_a_bad_guide_location_raises_and_changes_nothing(bad, guide_cls, sparse_
 
 def test_arguments_of_the_same_shapes_reuse_the_sites_without_tracing_again(sparse_regression):
     X, y, _ = sparse_regression
-    calls = []
-
-    def model(X, y=None):
-        calls.append(1)
-        regression_model(X, y)
-
+    model, calls = counted(regression_model)
     guide = AutoNormal(model)
     fit(model, guide, X, y, steps=20)
     bmr = BayesianModelReduction(guide)

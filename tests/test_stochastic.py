@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, StochasticBMR, ThresholdRule
 
-from .models import regression_model
+from .models import counted, regression_model
 
 
 @pytest.mark.parametrize("rule", [ThresholdRule(), SpikeAndSlabRule()], ids=repr)
@@ -140,12 +140,7 @@ def test_a_dict_batch_is_passed_as_keyword_arguments(sparse_regression):
 
 def test_fit_counts_epochs_and_steps_exactly(sparse_regression):
     X, y, _ = sparse_regression
-    calls = []
-
-    def model(X, y=None):
-        calls.append(1)
-        regression_model(X, y)
-
+    model, calls = counted(regression_model)
     guide = AutoNormal(model)
     rule = SpikeAndSlabRule(num_iterations=3)
     # the plain ELBO runs the model's Python every step (a captured step replays it)
