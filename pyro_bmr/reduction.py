@@ -141,9 +141,10 @@ class BayesianModelReduction:
         for group in self.groups:
             if not isinstance(group, UnitGroup):
                 raise TypeError(f"groups must be UnitGroup s, got {type(group).__name__}")
-        if self.groups and (joint is not None or reduced_scale != 0 or reduced_loc != 0):
+        if self.groups and (joint is not None or reduced_scale != 0):
             # a unit held at a non-zero value still feeds the next layer: its readers
-            # would be pruned as if it were dead
+            # would be pruned as if it were dead (the point mass away from zero is
+            # refused above)
             raise ValueError(
                 f"groups prune units to the point mass at zero (reduced_loc=0, here "
                 f"{reduced_loc}; reduced_scale=0, here {reduced_scale}) as the rule decides "

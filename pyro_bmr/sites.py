@@ -323,7 +323,7 @@ def read_priors(
     conditioned = poutine.condition(model, data=values)
     # an autoguide's InitMessenger sits inside the condition and draws its initial
     # values before the condition replaces them: the run must leave the RNG as it was
-    cuda = sorted({v.device.index or 0 for v in values.values() if v.device.type == "cuda"})
+    cuda = sorted({v.device.index for v in values.values() if v.device.type == "cuda"})
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         try:
             trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
