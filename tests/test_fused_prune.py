@@ -249,3 +249,31 @@ def test_fused_pass_keeps_an_element_whose_delta_f_is_exactly_the_threshold(comp
         assert (report.delta_f["w"].view(-1)[:3] == 0).all()
         assert bmr.masks["w"].view(-1)[:3].all() and not bmr.masks["w"].all()
     assert _kernels._spike_prune in _kernels._compiled  # the fused pass ran
+
+
+@pytest.mark.compile_fallback
+def test_a_failing_compile_of_the_fused_pass_warns_and_prunes_as_the_eager_path(compiled):
+    def compile_failing_on_the_fused_pass(fn, **kwargs):
+        if fn is not _kernels._spike_prune:
+            return fn  # the checks before it compile
+
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    compiled.setattr(torch, "compile", compile_failing_on_the_fused_pass)
+    fallback = BayesianModelReduction(_guide(1))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on cpu"):
+        fallback_report = fallback.reduce()
+    assert _kernels._failed == {"cpu"}
+    compiled.setenv(_kernels.ENV_VAR, "0")
+    eager = BayesianModelReduction(_guide(1))
+    eager_report = eager.reduce()
+    for name, df in eager_report.delta_f.items():
+        assert torch.equal(fallback_report.delta_f[name], df)
+        assert torch.equal(fallback.masks[name], eager.masks[name])
+        assert torch.equal(
+            fallback.posterior.loc_scale(name)[0], eager.posterior.loc_scale(name)[0]
+        )
+    assert fallback_report.num_pruned == eager_report.num_pruned > 0
