@@ -24,11 +24,11 @@ small models (and unit tests) never compile.
 
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
+from pyro_bmr._caller import warn
 from pyro_bmr._masks import float_mask
 from pyro_bmr.free_energy import spike_delta_f
 from pyro_bmr.rules import PruningRule
@@ -82,12 +82,11 @@ def _run(fn: Callable, eager: Callable, work: int | None, like: torch.Tensor, *a
             return compiled(*args)
         except Exception as error:  # a missing compiler, an unsupported backend, ...
             _failed.add(device.type)
-            warnings.warn(
+            warn(
                 f"pyro_bmr: torch.compile failed on {device.type} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                 f"using eager kernels. Set {ENV_VAR}=0 to skip compiling.",
                 RuntimeWarning,
-                stacklevel=3,
             )
     return eager(*args)
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributions import transform_to
 
 from pyro_bmr import _pyro_compat
+from pyro_bmr._caller import warn
 from pyro_bmr.unit_removal import shrink
 
 __all__ = [
@@ -273,12 +274,11 @@ def _warn_if_random(plain: nn.Module, args: tuple, kwargs: dict) -> None:
         for name, node in run.nodes.items()
         if node["type"] == "sample" and not node["is_observed"] and not site_is_subsample(node)
     ]
-    warnings.warn(
+    warn(
         f"the exported {type(plain).__name__} returns a different value at each call "
         f"on these arguments: its forward samples {sampled} (outside inference, from "
         "their distributions); return the network's output from forward, or call it "
         "under pyro.poutine.condition to fix those sites",
-        stacklevel=3,
     )
 
 

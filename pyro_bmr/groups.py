@@ -26,13 +26,13 @@ then multiply zero, the likelihood no longer depends on them, and they are prune
 too ("dead units propagate").
 """
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from pyro_bmr._caller import warn
 from pyro_bmr._masks import MaskError
 from pyro_bmr.correlated_posteriors import JointGaussian
 from pyro_bmr.rules import PruningRule
@@ -314,14 +314,12 @@ def prune_units(
 def _warn_layer_dead(group: UnitGroup, lost: int) -> None:
     # Each unit's ΔF assumes the others stay: a whole layer gone is a decision that
     # no unit's ΔF scored, and it leaves a network whose output ignores its input.
-    warnings.warn(
+    warn(
         f"this reduction pruned every unit of group {group.name!r} (the last {lost}): "
         f"what follows it no longer depends on the input. A unit's ΔF compares it "
         f"with the whole unit, so many inputs whose posteriors are still narrow can "
         f"outweigh a few informative ones; prune single weights too "
         f"(prune_elements=True), reduce later in training, or exclude the group",
-        UserWarning,
-        stacklevel=6,  # reduce's caller, past Scoring and torch.no_grad's wrapper
     )
 
 

@@ -1,7 +1,6 @@
 """The Bayesian model reduction handler."""
 
 import functools
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import torch
 
 from pyro_bmr import _pyro_compat
+from pyro_bmr._caller import warn
 from pyro_bmr._masks import MaskError, MaskView, check_mask
 from pyro_bmr._scoring import Scoring
 from pyro_bmr.correlated_posteriors import CorrelatedPosterior
@@ -416,11 +416,9 @@ class BayesianModelReduction:
         ends = torch.stack([torch.stack([s.amin(), s.amax()]).to(torch.float64) for s in scales])
         low, high = ends.aminmax()
         if bool(low == high):
-            warnings.warn(
+            warn(
                 f"every guide scale of the sites {sorted(sites)} is {float(low):.4g}: the guide "
                 "looks unfitted, and reduce() would prune by its initialisation; fit it first",
-                UserWarning,
-                stacklevel=4,  # reduce's caller, past torch.no_grad's wrapper
             )
 
     def sparsity(self) -> Sparsity:

@@ -370,8 +370,9 @@ def test_an_export_whose_output_is_random_warns():
     x = torch.randn(64, 3)
     guide = _Medians(**{name: site["value"] for name, site in _latents(model, x).items()})
     pyro.clear_param_store()
-    with pytest.warns(UserWarning, match=r"samples \['obs'\]"):
+    with pytest.warns(UserWarning, match=r"samples \['obs'\]") as caught:
         export(model, guide, x)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     assert list(pyro.get_param_store().keys()) == []  # the check left no parameters there
 
 

@@ -189,8 +189,9 @@ def test_a_reduction_that_prunes_a_whole_layer_says_so_once():
         scales[name].mul_(0.1)
     guide = _fitted_guide(locs, scales)
     bmr = BayesianModelReduction(guide, ThresholdRule(), groups=[HIDDEN], prune_elements=False)
-    with pytest.warns(UserWarning, match=r"every unit of group 'hidden' \(the last 4\)"):
+    with pytest.warns(UserWarning, match=r"every unit of group 'hidden' \(the last 4\)") as caught:
         report = bmr.reduce(X, Y)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     assert report.units == {"hidden": UnitCount(0, 4)}  # the rule's decision stands
     with warnings.catch_warnings():
         warnings.simplefilter("error")

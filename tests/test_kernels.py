@@ -124,6 +124,65 @@ def test_a_failing_compile_warns_once_and_falls_back_to_eager(kernels):
     assert len(calls) == 1
 
 
+@pytest.mark.compile_fallback
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (RuntimeError("no C++ compiler\nsee the log"), "RuntimeError: no C++ compiler"),
+        (OSError(), "OSError: "),
+    ],
+    ids=["first-line", "empty"],
+)
+def test_the_fallback_warning_names_the_device_and_the_error(kernels, error, shown):
+    kernels.setenv(_kernels.ENV_VAR, "1")
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise error
+
+        return run
+
+    kernels.setattr(torch, "compile", broken_compile)
+    loc, scale = _posterior(300)
+    with pytest.warns(RuntimeWarning) as record:
+        _check_threshold_kernel(loc, scale, None)
+    assert [str(w.message) for w in record] == [
+        f"pyro_bmr: torch.compile failed on cpu ({shown}); using eager kernels. "
+        "Set PYRO_BMR_COMPILE=0 to skip compiling."
+    ]
+    assert record[0].filename == __file__  # the first line outside the library
+
+
+def test_each_kernel_is_compiled_once_and_reused(kernels):
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    compiled = []
+
+    def counting_compile(fn, **kwargs):
+        compiled.append(fn)
+        return fn
+
+    kernels.setattr(torch, "compile", counting_compile)
+    for n in (300, 301, 302):
+        loc, scale = _posterior(n)
+        _check_threshold_kernel(loc, scale, None)
+        _check_threshold_kernel(loc, scale, torch.arange(n) % 3 > 0)
+    assert sorted(f.__name__ for f in compiled) == sorted(
+        f.__name__ for f in {_kernels._spike_threshold_first, _kernels._spike_threshold}
+    )
+
+
+def test_a_compiled_kernel_takes_new_sizes_without_recompiling(kernels):
+    """Sites shrink and change between reductions: a kernel compiled for one size
+    must not be recompiled for every other."""
+    kernels.setenv(_kernels.ENV_VAR, "1")
+    loc, scale = _posterior(4099)
+    _check_threshold_kernel(loc, scale, None, atol=1e-5)  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (5003, 1031):
+            loc, scale = _posterior(n)
+            _check_threshold_kernel(loc, scale, None, atol=1e-5)
+
+
 def test_compile_mode_reads_the_environment(kernels):
     for value, mode in [("0", "never"), ("off", "never"), ("1", "always"), ("auto", "auto")]:
         kernels.setenv(_kernels.ENV_VAR, value)
