@@ -184,9 +184,15 @@ def test_a_compiled_kernel_takes_new_sizes_without_recompiling(kernels):
 
 
 def test_compile_mode_reads_the_environment(kernels):
-    for value, mode in [("0", "never"), ("off", "never"), ("1", "always"), ("auto", "auto")]:
-        kernels.setenv(_kernels.ENV_VAR, value)
-        assert _kernels.compile_mode() == mode
+    spellings = {
+        "never": ["0", "false", "off", "no", "never", " Never ", "FALSE"],
+        "always": ["1", "true", "on", "yes", "always", "ALWAYS", " On"],
+        "auto": ["auto", "", " Auto "],
+    }
+    for mode, values in spellings.items():
+        for value in values:
+            kernels.setenv(_kernels.ENV_VAR, value)
+            assert _kernels.compile_mode() == mode, value
     kernels.setenv(_kernels.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="PYRO_BMR_COMPILE must be 0, 1 or auto"):
         _kernels.compile_mode()
