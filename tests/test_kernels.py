@@ -198,8 +198,16 @@ def test_compile_mode_reads_the_environment(kernels):
         _kernels.compile_mode()
     kernels.delenv(_kernels.ENV_VAR)
     assert _kernels.compile_mode() == "auto"
-    small = torch.zeros(10)
-    assert not _kernels.compiles(10, 10, small.device)
+    cpu = torch.device("cpu")
+    big, site = _kernels.COMPILE_MIN_NUMEL, _kernels.COMPILE_MIN_SITE
+    assert _kernels.compiles(site, big, cpu)  # both sizes at their minimum
+    assert not _kernels.compiles(site - 1, big, cpu)
+    assert not _kernels.compiles(site, big - 1, cpu)
+    assert not _kernels.compiles(10, 10, cpu)
+    kernels.setenv(_kernels.ENV_VAR, "never")
+    assert not _kernels.compiles(10 * big, 10 * big, cpu)
+    kernels.setenv(_kernels.ENV_VAR, "always")
+    assert _kernels.compiles(10, 10, cpu)
 
 
 def _wide_model():
