@@ -27,10 +27,17 @@ Run from the repository root::
 
     python benchmarks/bench_structured.py [--networks lenet5 lenet5-caffe vit]
         [--variants element structured combined] [--epochs 5] [--train-size N]
-        [--rounds 7] [--threads 1] [--clock wall|cpu]
+        [--rounds 7] [--threads 1] [--clock wall|cpu] [--bounds]
+
+``--bounds`` adds, per network, what structured pruning could buy at best: the
+dense network with each convolution cut to its first k channels (``shrink`` of the
+network with the other channels zeroed; no training, so no accuracy), timed against
+the whole network at batch 256. It tells whether a speed-up goal is within reach of
+any structured reduction of that architecture.
 """
 
 import argparse
+import copy
 import time
 
 import pyro
@@ -46,6 +53,7 @@ from pyro_bmr.nn import BayesianClassifier, unit_groups
 from pyro_bmr.paper.data import load_dataset, make_loader
 from pyro_bmr.paper.methods import bmr_rule, method_prior
 from pyro_bmr.paper.networks import build_network
+from pyro_bmr.unit_removal import shrink
 
 NETWORK_KWARGS = {
     "lenet5": {},
@@ -158,11 +166,38 @@ def report(network, variant, model, guide, bmr, data, rounds, clock):
     return dense_accuracy
 
 
+def width_bounds(dense, x, rounds, clock, fractions=(1 / 2, 1 / 3, 1 / 6, 0)):
+    """The speed-up at batch ``len(x)`` of ``dense`` with every convolution cut to
+    its first ``max(1, round(f * channels))`` channels, for each ``f``."""
+    convs = [m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]
+    nets = {}
+    for f in fractions:
+        cut = copy.deepcopy(dense)
+        widths = []
+        with torch.no_grad():
+            for conv in (m for m in cut.modules() if isinstance(m, torch.nn.Conv2d)):
+                k = max(1, round(f * conv.out_channels))
+                conv.weight[k:] = 0
+                if conv.bias is not None:
+                    conv.bias[k:] = 0
+                widths.append(f"{k}/{conv.out_channels}")
+        nets[", ".join(widths)] = shrink(cut).network.eval()
+    whole = ", ".join(f"{c.out_channels}/{c.out_channels}" for c in convs)
+    with torch.inference_mode():
+        timed = interleaved(
+            {whole: lambda: dense(x), **{k: lambda n=n: n(x) for k, n in nets.items()}},
+            rounds,
+            10,
+            clock,
+        )
+    return {k: ratio for k, (_, ratio) in timed.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--networks", nargs="+", default=["lenet5", "vit"])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -171,12 +206,21 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    parser.add_argument(
+        "--bounds", action="store_true", help="speed-ups with the convolutions cut, untrained"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     data = load_dataset("mnist", args.data_dir, train_size=args.train_size)
     for network in args.networks:
+        if args.bounds:
+            x = data.test.tensors[0][:256]
+            net = build_network(network, x.shape[1:], 10, **NETWORK_KWARGS[network]).eval()
+            print(f"\n{network}: at best, at batch 256, convolution channels kept -> speed-up")
+            for widths, ratio in width_bounds(net, x, args.rounds, CLOCKS[args.clock]).items():
+                print(f"  {widths:>16}: {ratio:.2f}x")
         accuracies = {}
         for variant in args.variants:
             fitted = fit(
