@@ -377,6 +377,20 @@ def _oracle_df(loc, log_scale, prior_loc, prior_scale, reduced_loc):
     return q.log_prob(at) - p.log_prob(at)
 
 
+@pytest.mark.parametrize("compile_mode", ["0", "1"], ids=["eager", "compiled"])
+def test_counts_stay_exact_past_the_float32_integers(kernels, compile_mode):
+    """2**24 + 3 kept elements: a count summed in float32 would read 2**24 + 4."""
+    kernels.setenv(_kernels.ENV_VAR, compile_mode)
+    n = (1 << 24) + 3
+    loc, scale = torch.full((n,), 10.0), torch.full((n,), 0.01)
+    m, s, m_red, tau = (torch.tensor(v) for v in (0.0, 1.0, 0.0, 0.0))
+    terms = spike_constants(m, s, m_red, loc.shape)
+    old = torch.ones(n, dtype=torch.uint8)
+    for before in (None, old):
+        stats = _kernels.spike_threshold(loc, scale, *terms, m_red, tau, before)[3]
+        assert stats[:2].tolist() == [n, n]
+
+
 def _spike_prune_inputs(n, seed):
     g = torch.Generator().manual_seed(seed)
     loc = torch.randn(n, generator=g) * 2
