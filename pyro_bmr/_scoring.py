@@ -252,19 +252,24 @@ class Scoring:
         sites: Mapping[str, GaussianSite],
     ) -> None:
         """The structured step, after the elements' decisions: ``rule`` decides on
-        the units of ``groups`` (:func:`~pyro_bmr.groups.prune_units`) as they were
-        before the reduction, and the sites' decisions lose the pruned units."""
+        the units of ``groups`` (:func:`~pyro_bmr.groups.prune_units`) against what
+        those decisions keep of them, and the sites' decisions lose the pruned units."""
         by_name = {site.name: site for site in scored}
         check_groups(groups, {name: site.shape for name, site in by_name.items()})
         touched = {name for group in groups for name in group.sites}
         if isinstance(self.posterior, CorrelatedPosterior):
             joint, layout = self.posterior.joint(), self.posterior.layout()
             m, s = torch.zeros_like(joint.loc), torch.ones_like(joint.loc)
+            pruned_now = torch.zeros_like(joint.loc, dtype=torch.bool)
             for name, site in sites.items():
                 part, shape = layout[name]
                 m[part] = site.prior_loc.to(m).expand(shape).reshape(-1)
                 s[part] = site.prior_scale.to(s).expand(shape).reshape(-1)
-            unit_delta_f = joint_delta_f(joint, layout, m, s, self.reduced_loc)
+            for site in scored:
+                part, _ = layout[site.name]
+                newly = site.pruned if site.old is None else site.old & site.pruned
+                pruned_now[part] = newly.reshape(-1)
+            unit_delta_f = joint_delta_f(joint, layout, m, s, self.reduced_loc, pruned_now)
         else:
             delta_f = {name: by_name[name].df.view(by_name[name].shape) for name in touched}
             unit_delta_f = summed_delta_f(delta_f)

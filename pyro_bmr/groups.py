@@ -17,7 +17,9 @@ models):
 
     \\Delta F_u = \\sum_{i \\in u,\\ i \\text{ kept}} \\Delta F_i .
 
-A rule then decides per group, on the vector of its units' ΔF, exactly as it does
+Where single elements are pruned too, "kept" means kept by the same reduction's
+element decisions: the unit is compared with its best element-reduced form, not
+with the whole unit (see :func:`prune_units`). A rule then decides per group, on the vector of its units' ΔF, exactly as it does
 per site on elements (a threshold, or the spike-and-slab rule learning one keep
 probability per layer). A unit whose every element is pruned outputs
 :math:`\\phi(0)`, zero for the activations of :func:`pyro_bmr.nn.unit_groups`
@@ -228,32 +230,45 @@ def joint_delta_f(
     prior_loc: torch.Tensor,
     prior_scale: torch.Tensor,
     reduced_loc: float = 0.0,
+    pruned_now: torch.Tensor | None = None,
 ) -> UnitDeltaF:
     """Units' ΔF under a correlated posterior: the ΔF of pruning a unit's kept
     elements together, from their joint marginal (the posterior of the current
-    model, from which earlier pruned elements are marginalised out).
+    model, from which earlier pruned elements are marginalised out), conditioned on
+    the elements ``pruned_now`` at the point mass: the ΔF of the unit against its
+    best element-reduced form, :math:`\\Delta F(u \\cup P) - \\Delta F(P)`.
 
     :param joint: the posterior over the flat latent vector.
     :param layout: site name → its slice of the flat vector and its shape.
     :param prior_loc: the prior means over the flat vector.
     :param prior_scale: the prior scales over the flat vector.
     :param float reduced_loc: where the reduced prior puts its point mass.
+    :param pruned_now: bool over the flat vector: the elements that the same
+        reduction prunes one by one (default: none).
     """
     full = dict(dtype=joint.loc.dtype, device=joint.loc.device)
     m_red = torch.full((), reduced_loc, **full)
     zero = torch.zeros((), **full)
+    support = torch.ones_like(joint.loc, dtype=torch.bool)
+    if pruned_now is not None and bool(pruned_now.any()):
+        # the reduced posterior under point masses on pruned_now and the prior
+        # unchanged elsewhere is the joint conditioned on them
+        point_loc = torch.where(pruned_now, m_red, prior_loc)
+        point_scale = torch.where(pruned_now, zero, prior_scale)
+        _, conditioned = joint.reduce(prior_loc, prior_scale, point_loc, point_scale)
+        joint, support = conditioned.restrict(~pruned_now), ~pruned_now
 
     def unit_delta_f(group, masks, num_units):
         out = torch.zeros(num_units, dtype=torch.float64, device=joint.loc.device)
         units = torch.arange(num_units, device=joint.loc.device)
         for unit in range(num_units):
-            keep = torch.zeros_like(joint.loc, dtype=torch.bool)
+            keep = torch.zeros_like(support)
             for member in group.members:
                 part, shape = layout[member.site]
                 mine = member.expand(units == unit, shape) & masks[member.site]
                 keep[part] |= mine.reshape(-1)
             if bool(keep.any()):
-                marginal = joint.restrict(keep)
+                marginal = joint.restrict(keep[support])
                 df, _ = marginal.reduce(prior_loc[keep], prior_scale[keep], m_red, zero)
                 out[unit] = df.to(torch.float64)
         return out
@@ -271,12 +286,20 @@ def prune_units(
     """One structured reduction: each group's units decided by ``rule`` on their ΔF,
     then dead units' readers pruned.
 
-    The units are scored in the model as it was before the reduction (``before``):
-    a unit's ΔF counts the elements that the same reduction prunes one by one, as
-    pruning the unit would. Groups are taken in order, each seeing what the ones
-    before it pruned (list them from input to output, so that a unit whose inputs
-    died is scored without them). A group the rule excludes (``exclude`` names
-    the group) is only cut by propagation.
+    A unit is scored against its best element-reduced form: the model that the
+    elements' decisions of the same reduction leave (``masks``), so that its ΔF
+    sums the elements those decisions keep. Pruning the unit then beats keeping
+    what they kept of it, which is the choice left; its elements that they prune
+    add the same evidence to both. (Scored against the unit as it was before, the
+    many inputs whose posteriors are still narrow at zero, each worth pruning on
+    its own, would vote out a unit whose few informative inputs they outweigh.)
+    Without element decisions on the grouped sites (``prune_elements=False``)
+    ``masks`` are the masks from before, and a unit is compared with the whole unit.
+
+    Groups are taken in order, each seeing what the ones before it pruned (list them
+    from input to output, so that a unit whose inputs died is scored without them).
+    A group the rule excludes (``exclude`` names the group) is only cut by
+    propagation.
 
     :param groups: checked unit groups (:func:`check_groups`).
     :param rule: decides on a vector of unit ΔF with the units' current mask.
@@ -284,30 +307,30 @@ def prune_units(
         posterior).
     :param masks: site name → bool mask (True = kept) of every site the groups
         touch, after the elements' decisions; updated in place (new tensors).
-    :param before: the same masks before the reduction; default ``masks``.
+    :param before: the same masks before the reduction (default ``masks``): which
+        units were alive, to warn when a reduction empties a whole group.
     :returns: ``masks``.
     """
-    scoring = dict(masks if before is None else before)
+    before = masks if before is None else before
     for group in groups:
         first = group.members[0]
         num_units = first.num_units(masks[first.site].shape)
-        was_alive = _alive(group, scoring, num_units)
+        was_alive = _alive(group, before, num_units)
         if rule.prunes(group.name):
-            unit_df = unit_delta_f(group, scoring, num_units)
+            in_play = _alive(group, masks, num_units)
+            unit_df = unit_delta_f(group, masks, num_units)
             # a NaN unit (opposite infinities in it) is kept: no evidence for either
             unit_df = torch.where(unit_df.isnan(), -torch.inf, unit_df)
-            keep = was_alive & rule.keep(unit_df, was_alive)
+            keep = in_play & rule.keep(unit_df, in_play)
             for member in group.members:
                 cut = member.expand(keep, masks[member.site].shape)
                 masks[member.site] = masks[member.site] & cut
-                scoring[member.site] = scoring[member.site] & cut
         alive = _alive(group, masks, num_units)  # dead by units or by all their elements
         if bool(was_alive.any()) and not bool(alive.any()):
             _warn_layer_dead(group, int(was_alive.count_nonzero()))
         for reader in group.readers:
             cut = reader.expand(alive, masks[reader.site].shape)
             masks[reader.site] = masks[reader.site] & cut
-            scoring[reader.site] = scoring[reader.site] & cut
     return masks
 
 
@@ -316,10 +339,11 @@ def _warn_layer_dead(group: UnitGroup, lost: int) -> None:
     # no unit's ΔF scored, and it leaves a network whose output ignores its input.
     warn(
         f"this reduction pruned every unit of group {group.name!r} (the last {lost}): "
-        f"what follows it no longer depends on the input. A unit's ΔF compares it "
-        f"with the whole unit, so many inputs whose posteriors are still narrow can "
-        f"outweigh a few informative ones; prune single weights too "
-        f"(prune_elements=True), reduce later in training, or exclude the group",
+        f"what follows it no longer depends on the input. Pruned by units only "
+        f"(prune_elements=False), a unit is compared with the whole unit, and many "
+        f"inputs whose posteriors are still narrow can outweigh a few informative ones; "
+        f"prune single weights too (prune_elements=True), reduce later in training, or "
+        f"exclude the group",
     )
 
 

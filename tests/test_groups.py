@@ -113,25 +113,56 @@ def test_threshold_decides_on_the_unit_sum_not_on_elements():
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 2.5])
-def test_units_scored_as_before_the_reduction_then_elements(threshold):
+def test_units_scored_against_what_the_element_decisions_keep_of_them(threshold):
     locs, scales = _posterior(2)
     guide = _fitted_guide(locs, scales)
     df = {n: _element_df(locs[n], scales[n], PRIOR_SCALE[n]) for n in locs}
     element_keep = {n: d <= threshold for n, d in df.items()}
-    # a unit's ΔF counts every element, also those pruned one by one now
-    unit_keep = _unit_df(locs, scales) <= threshold
-    alive = unit_keep & (element_keep["w1"].any(1) | element_keep["b1"])
+    # a unit's ΔF sums the elements that the element decisions keep: pruning it
+    # against keeping what they leave of it
+    left = {n: torch.where(element_keep[n], df[n], torch.zeros_like(df[n])) for n in df}
+    in_play = element_keep["w1"].any(1) | element_keep["b1"]
+    unit_keep = in_play & (left["w1"].sum(1) + left["b1"] <= threshold)
+    if threshold == 2.5:  # units pruned whose elements the element decisions keep
+        assert bool((in_play & ~unit_keep).any())
     bmr = BayesianModelReduction(guide, ThresholdRule(threshold), groups=[HIDDEN])
     bmr.reduce(X, Y)
     masks = bmr.masks
     assert torch.equal(masks["w1"], element_keep["w1"] & unit_keep[:, None])
     assert torch.equal(masks["b1"], element_keep["b1"] & unit_keep)
-    assert torch.equal(masks["w2"], element_keep["w2"] & alive[None, :])
+    assert torch.equal(masks["w2"], element_keep["w2"] & unit_keep[None, :])
     # a second reduction scores the units on the elements kept by the first
     df_left = {n: torch.where(masks[n], df[n], torch.zeros_like(df[n])) for n in df}
     unit_left = df_left["w1"].sum(1) + df_left["b1"]
     bmr.reduce(X, Y)
     assert torch.equal(bmr.masks["b1"], masks["b1"] & (unit_left <= threshold))
+
+
+def test_with_elements_pruned_too_narrow_inputs_do_not_vote_out_an_informative_unit():
+    """Many inputs narrow at zero (each worth pruning on its own) and one informative
+    input: against the whole unit they would prune it, and the model left would have
+    less evidence than the one that prunes only them."""
+    locs, scales = _posterior(6)
+    locs["w1"][1], scales["w1"][1] = torch.tensor([0.0, 0.0, 1.5]), torch.tensor([0.02, 0.02, 0.4])
+    locs["b1"][1], scales["b1"][1] = 0.0, 0.02
+    locs["w2"][:, 1], scales["w2"][:, 1] = 2.0, 0.3  # what reads it is informative too
+    df = {n: _element_df(locs[n], scales[n], PRIOR_SCALE[n]) for n in locs}
+    whole = df["w1"][1].sum() + df["b1"][1]
+    informative = df["w1"][1, 2]
+    assert whole > 0 and informative < 0  # the whole unit's ΔF says prune it
+    # keeping the informative input beats pruning the unit by -informative
+    pruned_inputs = whole - informative
+    assert pruned_inputs > whole
+    bmr = BayesianModelReduction(_fitted_guide(locs, scales), ThresholdRule(), groups=[HIDDEN])
+    bmr.reduce(X, Y)
+    assert bmr.masks["w1"][1].tolist() == [False, False, True] and not bmr.masks["b1"][1]
+    assert bmr.masks["w2"][:, 1].all()  # the unit lives, and so do its readers
+    # the units-only reduction compares with the whole unit and prunes it
+    units_only = BayesianModelReduction(
+        _fitted_guide(locs, scales), ThresholdRule(), groups=[HIDDEN], prune_elements=False
+    )
+    units_only.reduce(X, Y)
+    assert not units_only.masks["w1"][1].any()
 
 
 def test_spike_and_slab_learns_one_keep_probability_per_group():
@@ -254,7 +285,7 @@ def test_bad_groups_are_refused_naming_the_group_and_the_site():
     assert torch.equal(guide.locs.w1.detach(), locs["w1"])
 
 
-def test_under_a_correlated_guide_a_unit_is_scored_from_its_joint_marginal():
+def _correlated_guide():
     guide = AutoMultivariateNormal(model)
     guide(X, Y)
     g = torch.Generator().manual_seed(6)
@@ -269,6 +300,11 @@ def test_under_a_correlated_guide_a_unit_is_scored_from_its_joint_marginal():
         pyro.param("AutoMultivariateNormal.scale_tril").unconstrained().copy_(unconstrained)
         scale = 0.3 + 0.3 * torch.rand(n, generator=g)
         pyro.param("AutoMultivariateNormal.scale").unconstrained().copy_(scale.expm1().log())
+    return guide
+
+
+def test_under_a_correlated_guide_a_unit_is_scored_from_its_joint_marginal():
+    guide = _correlated_guide()
     # the oracle: ln q_u(0) − ln p_u(0) over the unit's elements, from the guide's
     # own distribution, in float64; the flat vector is w1 (row-major), b1, w2
     q = guide.get_posterior()
@@ -298,6 +334,50 @@ def test_under_a_correlated_guide_a_unit_is_scored_from_its_joint_marginal():
     # the set the report scores jointly is the units' elements and their readers
     assert report.joint_delta_f is not None
     assert report.units["hidden"] == UnitCount(int(keep.sum()), 4)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_under_a_correlated_guide_a_unit_is_scored_given_the_elements_pruned_now(threshold):
+    """ΔF(u ∪ P) − ΔF(P): the unit's kept elements at zero in the posterior
+    conditioned on the elements P that the same reduction prunes one by one."""
+    guide = _correlated_guide()
+    q = guide.get_posterior()
+    loc, cov = q.loc.detach().to(F64), q.covariance_matrix.detach().to(F64)
+    prior_scale = torch.tensor([1.0] * 12 + [2.0] * 4 + [1.0] * 8, dtype=F64)
+    marginal_df = dist.Normal(loc, cov.diagonal().sqrt()).log_prob(torch.zeros(24, dtype=F64))
+    marginal_df = marginal_df - dist.Normal(0.0, prior_scale).log_prob(torch.zeros((), dtype=F64))
+    pruned_now = marginal_df > threshold  # the element decisions, on marginals
+    # condition on P = 0 (the Gaussian conditional, from the covariance)
+    p, r = pruned_now.nonzero().squeeze(1), (~pruned_now).nonzero().squeeze(1)
+    gain = cov[r][:, p] @ torch.linalg.inv(cov[p][:, p])
+    cond_loc = loc[r] - gain @ loc[p]
+    cond_cov = cov[r][:, r] - gain @ cov[p][:, r]
+    position = {int(i): k for k, i in enumerate(r)}
+    unit_keep = torch.zeros(4, dtype=torch.bool)
+    for unit in range(4):
+        idx = [i for i in (3 * unit, 3 * unit + 1, 3 * unit + 2, 12 + unit) if i in position]
+        if not idx:
+            continue  # every element pruned on its own: the unit is dead
+        k = torch.tensor([position[i] for i in idx])
+        posterior = dist.MultivariateNormal(cond_loc[k], cond_cov[k][:, k])
+        prior = dist.Normal(torch.zeros(len(idx), dtype=F64), prior_scale[idx])
+        zero = torch.zeros(len(idx), dtype=F64)
+        unit_df = posterior.log_prob(zero) - prior.log_prob(zero).sum()
+        unit_keep[unit] = bool(unit_df <= threshold)
+    element_keep = ~pruned_now
+    w1_keep = element_keep[:12].view(4, 3) & unit_keep[:, None]
+    b1_keep = element_keep[12:16] & unit_keep
+    alive = w1_keep.any(1) | b1_keep
+    bmr = BayesianModelReduction(guide, ThresholdRule(threshold), groups=[HIDDEN])
+    report = bmr.reduce(X, Y)
+    assert torch.equal(bmr.masks["w1"], w1_keep)
+    assert torch.equal(bmr.masks["b1"], b1_keep)
+    assert torch.equal(bmr.masks["w2"], element_keep[16:].view(2, 4) & alive[None, :])
+    assert report.units["hidden"] == UnitCount(int(alive.sum()), 4)
+    if threshold == 1.0:  # a unit goes that keeps an element of its own
+        assert bool(
+            (unit_keep != (element_keep[:12].view(4, 3).any(1) | element_keep[12:16])).any()
+        )
 
 
 def test_groups_prune_to_the_point_mass_as_the_rule_decides():
