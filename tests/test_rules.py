@@ -197,15 +197,17 @@ def _two_site_guide():
 
 
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
-@pytest.mark.parametrize("kind", ["threshold", "spike-and-slab"])
+@pytest.mark.parametrize("kind", ["threshold", "spike-and-slab", "spike-and-slab, one group"])
 def test_excluded_sites_are_scored_and_never_pruned(kind, compile_mode, kernels):
     from pyro_bmr import BayesianModelReduction
 
     # built inside the test, so that a mutation testing tool sees the constructor run
     if kind == "threshold":
         rule = ThresholdRule(exclude=["b"])
-    else:
+    elif kind == "spike-and-slab":
         rule = SpikeAndSlabRule(exclude=lambda name: name == "b")
+    else:  # b shares a's group, whose threshold is learned from a alone
+        rule = SpikeAndSlabRule(exclude=lambda name: name == "b", groups=lambda name: "layer")
     kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
     guide = _two_site_guide()
     loc_b = guide.locs.b.detach().clone()
@@ -215,6 +217,10 @@ def test_excluded_sites_are_scored_and_never_pruned(kind, compile_mode, kernels)
     assert (report.delta_f["b"] > 0).any()  # it would have been pruned
     assert (~bmr.masks["a"]).any()
     assert not rule.prunes("b") and rule.prunes("a")
+    if kind != "threshold":
+        df = report.delta_f["a"]
+        zeta = rule.log_odds(df, torch.ones_like(df, dtype=torch.bool))
+        assert torch.equal(bmr.masks["a"], df <= zeta)
 
 
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
