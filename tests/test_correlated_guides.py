@@ -203,6 +203,31 @@ def test_greedy_finds_a_better_set_on_collinear_inputs(diabetes, kind):
     assert reports["greedy"].joint_delta_f == pytest.approx(float(every.delta_f.max()), rel=1e-9)
 
 
+@pytest.mark.parametrize("kind", GUIDES, ids=lambda k: k.__name__)
+def test_greedy_leaves_an_excluded_site_whole_and_a_second_pass_starts_from_the_first(
+    diabetes, kind
+):
+    X, y = diabetes
+    everything = log_evidence(X, y, torch.ones(10, dtype=torch.bool))
+    guide = exact_guide(kind, X, y)
+    rule = ThresholdRule(exclude=["w_s"])
+    bmr = BayesianModelReduction(guide, rule, joint="greedy", update_posterior=True)
+    first = bmr.reduce(X, y)
+    after_first = kept(bmr)
+    assert bmr.masks["w_s"].all() and not bmr.masks["w_a"].all()
+    assert first.joint_delta_f == pytest.approx(
+        float(log_evidence(X, y, after_first) - everything), rel=1e-6
+    )
+    # the second pass chooses among the elements the first kept, and scores the
+    # model it leaves against the model the first left
+    second = bmr.reduce(X, y)
+    after_second = kept(bmr)
+    assert not (after_second & ~after_first).any() and bmr.masks["w_s"].all()
+    assert second.joint_delta_f == pytest.approx(
+        float(log_evidence(X, y, after_second) - log_evidence(X, y, after_first)), abs=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     "rule", [ThresholdRule(), ThresholdRule(1.5), ThresholdRule(-0.5), SpikeAndSlabRule()]
 )

@@ -224,6 +224,22 @@ def test_excluded_sites_are_scored_and_never_pruned(kind, compile_mode, kernels)
 
 
 @pytest.mark.parametrize("compile_mode", ["0", "1"])
+def test_without_groups_each_site_learns_its_own_threshold(compile_mode, kernels):
+    from pyro_bmr import BayesianModelReduction
+
+    kernels.setenv("PYRO_BMR_COMPILE", compile_mode)
+    rule = SpikeAndSlabRule(num_iterations=4)
+    bmr = BayesianModelReduction(_two_site_guide(), rule)
+    report = bmr.reduce()
+    zetas = []
+    for name in ("a", "b"):
+        df = report.delta_f[name]
+        zetas.append(rule.log_odds(df, torch.ones_like(df, dtype=torch.bool)))
+        assert torch.equal(bmr.masks[name], df <= zetas[-1])
+    assert abs(float(zetas[0] - zetas[1])) > 0.1
+
+
+@pytest.mark.parametrize("compile_mode", ["0", "1"])
 def test_sites_of_a_group_share_one_threshold(compile_mode, kernels):
     from pyro_bmr import BayesianModelReduction
 
