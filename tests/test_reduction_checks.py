@@ -298,7 +298,7 @@ def test_a_point_mass_away_from_zero_is_refused_since_pruning_fixes_elements_at_
 
 
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
-@pytest.mark.parametrize("reduced_scale", [1e-3, 0.3])
+@pytest.mark.parametrize("reduced_scale", [1e-3, 0.3, 1.0])
 def test_reduce_scores_the_reduced_prior_it_is_given(guide_cls, reduced_scale, sparse_regression):
     X, y, _ = sparse_regression
     guide = guide_cls(regression_model)

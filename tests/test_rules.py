@@ -340,6 +340,30 @@ def test_a_rule_asked_through_keep_never_unprunes_and_respects_exclusion():
     assert torch.equal(bmr.masks["a"], first) and bmr.masks["b"].all()
 
 
+class _BetterHalfOfKeptRule(PruningRule):
+    """Not a threshold, and reads the mask: keeps the better half of what is kept."""
+
+    def keep(self, delta_f, mask):
+        return mask & (delta_f <= delta_f[mask].median())
+
+
+def test_a_rule_asked_through_keep_sees_the_current_mask_and_never_the_excluded_site():
+    from pyro_bmr import BayesianModelReduction
+
+    guide = _two_site_guide()
+    with torch.no_grad():  # a ΔF of -inf (beyond float32): b is decided outside the kernel
+        guide.locs.b[0] = 1e30
+    bmr = BayesianModelReduction(guide, _BetterHalfOfKeptRule(exclude=["b"]))
+    mask = torch.ones(40, dtype=torch.bool)
+    for _ in range(2):
+        report = bmr.reduce()
+        df = report.delta_f["a"]
+        mask = mask & (df <= df[mask].median())
+        assert torch.equal(bmr.masks["a"], mask)
+        assert bmr.masks["b"].all() and report.delta_f["b"][0] == -float("inf")
+    assert int(mask.sum()) == 10  # 40, then 20, then 10
+
+
 def test_excluding_leaves_more_sites_alone_and_keeps_the_rule():
     rule = ThresholdRule(0.5, exclude=["a"])
     wider = rule.excluding(["b"])
