@@ -417,3 +417,51 @@ def test_handler_works_as_a_context_manager(sparse_regression):
     with bmr:
         tr = pyro.poutine.trace(guide).get_trace(X, y)
     assert (tr.nodes["w"]["value"][~bmr.masks["w"]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduced_scale", [0.0, 0.1])
+def test_a_prior_varying_by_column_is_scored_element_by_element(dtype, reduced_scale):
+    """The plain (not fused) path, in the site's dtype, against the closed form in
+    float64 (mpmath-checked in test_free_energy: here its float64 evaluation)."""
+    prior_loc = torch.linspace(-0.5, 0.5, 30, dtype=dtype)
+    prior_scale = torch.linspace(0.2, 2.0, 30, dtype=dtype)
+
+    def model():
+        pyro.sample("w", dist.Normal(prior_loc, prior_scale).expand([40, 30]).to_event(2))
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        guide.locs.w.copy_(torch.randn(40, 30, generator=g, dtype=dtype))
+        scales = 0.05 + torch.rand(40, 30, generator=g, dtype=dtype)
+        pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+    loc, scale = (
+        t.detach().clone() for t in BayesianModelReduction(guide).posterior.loc_scale("w")
+    )
+    reduced_loc = 0.0 if reduced_scale == 0 else 0.1  # a point mass must be at 0
+    bmr = BayesianModelReduction(guide, reduced_loc=reduced_loc, reduced_scale=reduced_scale)
+    report = bmr.reduce()
+    assert report.delta_f["w"].dtype == dtype
+    f64 = torch.float64
+    mu, sigma, m, s = (t.to(f64) for t in (loc, scale, prior_loc, prior_scale))
+    if reduced_scale == 0:  # ln q(0) − ln p(0)
+        zero = torch.zeros((), dtype=f64)
+        expected = dist.Normal(mu, sigma).log_prob(zero) - dist.Normal(m, s).log_prob(zero)
+    else:  # Gaussian prior N(m, s²) → N(m̃, s̃²), closed form in the precisions
+        m_red = torch.tensor(reduced_loc, dtype=f64)
+        p, p_red, p_post = 1 / s**2, 1 / torch.tensor(reduced_scale, dtype=f64) ** 2, 1 / sigma**2
+        prec = p_post + p_red - p  # the reduced posterior's precision
+        mean = (p_post * mu + p_red * m_red - p * m) / prec
+        expected = 0.5 * (
+            torch.log(p_post / prec)
+            + torch.log(p_red / p)
+            + prec * mean**2
+            - (p_post * mu**2 + p_red * m_red**2 - p * m**2)
+        )
+    tolerance = 1e-12 if dtype == f64 else 2e-5
+    torch.testing.assert_close(
+        report.delta_f["w"].to(f64), expected, rtol=tolerance, atol=tolerance
+    )
