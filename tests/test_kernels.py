@@ -391,6 +391,17 @@ def test_counts_stay_exact_past_the_float32_integers(kernels, compile_mode):
         assert stats[:2].tolist() == [n, n]
 
 
+def test_a_rule_s_own_decision_is_counted_exactly_past_the_float32_integers():
+    """The path of rules that are not thresholds, and of ΔF with infinities."""
+    from pyro_bmr._scoring import Scored
+
+    n = (1 << 24) + 3
+    site = Scored("w", torch.Size([n]), None)
+    site.df = torch.zeros(n)
+    site.replace_keep(torch.ones(n, dtype=torch.bool))
+    assert site.stats.dtype == torch.float64 and site.stats[:2].tolist() == [n, n]
+
+
 def _spike_prune_inputs(n, seed):
     g = torch.Generator().manual_seed(seed)
     loc = torch.randn(n, generator=g) * 2
