@@ -171,6 +171,7 @@ def test_each_kernel_is_compiled_once_and_reused(kernels):
     )
 
 
+@pytest.mark.counts_recompiles
 def test_a_compiled_kernel_takes_new_sizes_without_recompiling(kernels):
     """Sites shrink and change between reductions: a kernel compiled for one size
     must not be recompiled for every other."""
