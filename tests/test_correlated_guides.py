@@ -25,7 +25,13 @@ from pyro.infer.autoguide import (
 from sklearn.datasets import load_diabetes
 from torch.distributions import transform_to
 
-from pyro_bmr import BayesianModelReduction, SpikeAndSlabRule, ThresholdRule, delta_f
+from pyro_bmr import (
+    BayesianModelReduction,
+    PruningRule,
+    SpikeAndSlabRule,
+    ThresholdRule,
+    delta_f,
+)
 from pyro_bmr.correlated_free_energy import mvn_delta_f
 from pyro_bmr.posteriors import _parameter
 
@@ -265,8 +271,29 @@ def test_greedy_leaves_an_excluded_site_whole_and_a_second_pass_starts_from_the_
     )
 
 
+class _PositiveRule(PruningRule):
+    """ΔF > 0 pruned, without saying that it is a threshold."""
+
+    def keep(self, delta_f, mask):
+        return delta_f <= 0
+
+
+@pytest.mark.parametrize("kind", GUIDES, ids=lambda k: k.__name__)
+def test_greedy_measures_a_rule_without_a_threshold_against_zero(diabetes, kind):
+    X, y = diabetes
+    masks, reports = [], []
+    for rule in (ThresholdRule(), _PositiveRule()):
+        bmr = BayesianModelReduction(exact_guide(kind, X, y), rule, joint="greedy")
+        reports.append(bmr.reduce(X, y))
+        masks.append(kept(bmr))
+    assert torch.equal(masks[0], masks[1])
+    assert (~masks[1]).nonzero().flatten().tolist() == [0, 6, 7, 9]
+    assert reports[1].joint_delta_f == pytest.approx(reports[0].joint_delta_f, rel=1e-12)
+
+
 @pytest.mark.parametrize(
-    "rule", [ThresholdRule(), ThresholdRule(1.5), ThresholdRule(-0.5), SpikeAndSlabRule()]
+    "rule",
+    [ThresholdRule(), ThresholdRule(1.5), ThresholdRule(-0.5), SpikeAndSlabRule(), _PositiveRule()],
 )
 def test_greedy_gives_the_rule_s_masks_on_a_diagonal_posterior(rule):
     def small(X=None):
