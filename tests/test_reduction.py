@@ -465,3 +465,31 @@ def test_a_prior_varying_by_column_is_scored_element_by_element(dtype, reduced_s
     torch.testing.assert_close(
         report.delta_f["w"].to(f64), expected, rtol=tolerance, atol=tolerance
     )
+
+
+@pytest.mark.parametrize("reduced_scale", [0.0, 0.1])
+def test_a_float64_site_is_decided_against_the_threshold_in_float64(reduced_scale):
+    """An element whose ΔF is exactly τ is kept; τ rounded to float32 (below it
+    here) would prune it."""
+
+    def model():
+        pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0).expand([50]))
+
+    def guide():
+        pyro.clear_param_store()
+        guide = AutoNormal(model)
+        guide()
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            guide.locs.w.copy_(torch.randn(50, generator=g, dtype=torch.float64))
+            scales = 0.05 + torch.rand(50, generator=g, dtype=torch.float64)
+            pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+        return guide
+
+    scores = BayesianModelReduction(guide(), reduced_scale=reduced_scale).reduce().delta_f["w"]
+    down = scores.to(torch.float32).double() < scores  # float32 rounds these below
+    tau = float(scores[down][0])
+    bmr = BayesianModelReduction(guide(), ThresholdRule(tau), reduced_scale=reduced_scale)
+    report = bmr.reduce()
+    assert torch.equal(report.delta_f["w"], scores)
+    assert torch.equal(bmr.masks["w"], scores <= tau)
