@@ -318,7 +318,8 @@ class Scoring:
             prior = sites[site.name]
             m[part] = prior.prior_loc.to(**full).expand(shape).reshape(-1)
             s[part] = prior.prior_scale.to(**full).expand(shape).reshape(-1)
-        m_red = torch.where(soft, torch.full((), self.reduced_loc, **full), m)
+        # pruning fixes elements at 0; a soft reduced prior shrinks the rest to m̃
+        m_red = torch.where(soft, torch.zeros((), **full), m)
         out = reduce_jointly(
             joint,
             kept=kept,
@@ -333,6 +334,7 @@ class Scoring:
             reduced_scale=self.reduced_scale,
             greedy=self.joint == "greedy",
             update=self.update_posterior,
+            soft_loc=torch.full((), self.reduced_loc, **full),
         )
         if self.joint == "greedy":
             for site in scored:

@@ -194,6 +194,7 @@ def reduce_jointly(
     reduced_scale: float = 0.0,
     greedy: bool = False,
     update: bool = False,
+    soft_loc: torch.Tensor | None = None,
 ) -> JointReduction:
     """One reduction of a posterior with correlations, all vectors of shape ``(n,)``.
 
@@ -201,7 +202,8 @@ def reduce_jointly(
     :func:`select_greedily` makes of it; its joint ΔF is :func:`set_delta_f`. With
     ``update``, the reduced posterior of the current model (the marginal of the ``kept``
     elements) under point masses on that set, and :math:`\\mathcal N(\\tilde m, \\tilde s^2)`
-    with :math:`\\tilde s` = ``reduced_scale`` on the ``soft`` elements if it is positive.
+    with :math:`\\tilde s` = ``reduced_scale`` on the ``soft`` elements if it is positive,
+    centred at ``soft_loc``.
 
     :param joint: the posterior.
     :param kept: bool: the elements kept before this reduction.
@@ -215,6 +217,9 @@ def reduce_jointly(
     :param reduced_scale: :math:`\\tilde s` of the soft reduced prior (0: none).
     :param greedy: select the set by :func:`select_greedily`.
     :param update: compute the reduced posterior.
+    :param soft_loc: :math:`\\tilde m` of the soft reduced prior on the soft survivors
+        (default ``reduced_loc``): the point masses of a handler that prunes to 0 are at
+        0 while its soft prior may be centred elsewhere.
     :returns: :class:`JointReduction`.
     """
     pruned = proposal
@@ -232,7 +237,8 @@ def reduce_jointly(
     m_red, s_red = torch.where(point, reduced_loc[kept], m), torch.where(point, 0.0, s)
     if soft is not None and reduced_scale > 0:
         shrink = soft[kept] & ~point
-        m_red = torch.where(shrink, reduced_loc[kept], m_red)
+        centre = reduced_loc if soft_loc is None else soft_loc.expand_as(reduced_loc)
+        m_red = torch.where(shrink, centre[kept], m_red)
         s_red = torch.where(shrink, reduced_scale, s_red)
     _, posterior = joint.restrict(kept).reduce(m, s, m_red, s_red)
     return JointReduction(pruned, df, after, posterior.restrict(~point))

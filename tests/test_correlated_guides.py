@@ -175,16 +175,27 @@ def test_update_posterior_writes_the_exact_reduced_posterior(diabetes, kind):
         assert (w[:, ~keep] == 0).all() and (w[:, keep] != 0).all()
 
 
-def test_update_posterior_with_a_soft_reduced_prior(diabetes):
+@pytest.mark.parametrize("reduced_loc", [0.0, 0.1])
+def test_update_posterior_with_a_soft_reduced_prior(diabetes, reduced_loc):
     X, y = diabetes
     guide = exact_guide(AutoMultivariateNormal, X, y)
-    bmr = BayesianModelReduction(guide, reduced_scale=0.1, update_posterior=True)
-    bmr.reduce(X, y)
+    bmr = BayesianModelReduction(
+        guide, reduced_loc=reduced_loc, reduced_scale=0.1, update_posterior=True
+    )
+    report = bmr.reduce(X, y)
     keep = kept(bmr)
     assert 0 < int(keep.sum()) < 10
-    loc, cov = exact_posterior(X, y, keep, prior=0.1)  # N(0, 0.1²) on the survivors
+    # the set is pruned to 0, as the model then runs it, whatever m̃
+    everything = log_evidence(X, y, torch.ones(10, dtype=torch.bool))
+    exact = log_evidence(X, y, keep) - everything
+    assert report.joint_delta_f == pytest.approx(float(exact), rel=1e-9)
+    # N(m̃, 0.1²) on the survivors
+    _, cov = exact_posterior(X, y, keep, prior=0.1)
+    XK = X[:, keep]
+    loc = cov @ (XK.T @ y / SIGMA**2 + reduced_loc / 0.1**2)
     q = guide.get_posterior()
-    torch.testing.assert_close(q.loc.detach()[keep], loc, rtol=1e-9, atol=1e-12)
+    # float64 throughout: m̃ = 0.1 rounded to float32 would move the mean by ~1e-9
+    torch.testing.assert_close(q.loc.detach()[keep], loc, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(q.covariance_matrix.detach()[keep][:, keep], cov)
 
 
