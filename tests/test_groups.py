@@ -237,6 +237,17 @@ def test_a_reduction_that_prunes_a_whole_layer_says_so_once():
         assert bmr.reduce(X, Y).units == {"hidden": UnitCount(1, 4)}
 
 
+def test_a_layer_emptied_by_its_element_decisions_says_so_too():
+    locs, scales = _posterior(6)
+    for name in ("w1", "b1"):  # every element worth pruning on its own
+        locs[name].zero_()
+        scales[name].mul_(0.1)
+    bmr = BayesianModelReduction(_fitted_guide(locs, scales), ThresholdRule(), groups=[HIDDEN])
+    with pytest.warns(UserWarning, match=r"every unit of group 'hidden' \(the last 4\)"):
+        report = bmr.reduce(X, Y)
+    assert report.units == {"hidden": UnitCount(0, 4)}
+
+
 def test_member_layouts_against_loops():
     g = torch.Generator().manual_seed(0)
     values = torch.randn(12, 5, generator=g, dtype=F64)
@@ -374,6 +385,21 @@ def test_under_a_correlated_guide_a_unit_is_scored_given_the_elements_pruned_now
     assert torch.equal(bmr.masks["b1"], b1_keep)
     assert torch.equal(bmr.masks["w2"], element_keep[16:].view(2, 4) & alive[None, :])
     assert report.units["hidden"] == UnitCount(int(alive.sum()), 4)
+    # again: nothing is pruned one by one now, and the elements pruned before are
+    # outside the current model (marginalised), so a unit is scored on the marginal
+    # of its kept elements
+    flat = torch.cat([bmr.masks[n].reshape(-1) for n in ("w1", "b1", "w2")])
+    second = torch.zeros(4, dtype=torch.bool)
+    for unit in range(4):
+        idx = [i for i in (3 * unit, 3 * unit + 1, 3 * unit + 2, 12 + unit) if flat[i]]
+        if idx:
+            posterior = dist.MultivariateNormal(loc[idx], cov[idx][:, idx])
+            prior = dist.Normal(torch.zeros(len(idx), dtype=F64), prior_scale[idx])
+            zero = torch.zeros(len(idx), dtype=F64)
+            second[unit] = bool(posterior.log_prob(zero) - prior.log_prob(zero).sum() <= threshold)
+    bmr.reduce(X, Y)
+    assert torch.equal(bmr.masks["b1"], b1_keep & second)
+    assert torch.equal(bmr.masks["w1"], w1_keep & second[:, None])
     if threshold == 1.0:  # a unit goes that keeps an element of its own
         assert bool(
             (unit_keep != (element_keep[:12].view(4, 3).any(1) | element_keep[12:16])).any()

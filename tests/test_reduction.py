@@ -467,23 +467,39 @@ def test_a_prior_varying_by_column_is_scored_element_by_element(dtype, reduced_s
     )
 
 
-@pytest.mark.parametrize("reduced_scale", [0.0, 0.1])
-def test_a_float64_site_is_decided_against_the_threshold_in_float64(reduced_scale):
+@pytest.mark.parametrize(
+    "kind, reduced_scale",
+    [("AutoNormal", 0.0), ("AutoNormal", 0.1), ("MeanFieldGuide, fused", 0.0)],
+)
+def test_a_float64_site_is_decided_against_the_threshold_in_float64(kind, reduced_scale, kernels):
     """An element whose ΔF is exactly τ is kept; τ rounded to float32 (below it
-    here) would prune it."""
+    here) would prune it. On the plain path (AutoNormal), the soft path, and the
+    fused pass that scores, decides and zeroes in one kernel (MeanFieldGuide)."""
+    from pyro_bmr import _kernels
+    from pyro_bmr.guides import MeanFieldGuide
+
+    kernels.setenv(_kernels.ENV_VAR, "1")
 
     def model():
         pyro.sample("w", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0).expand([50]))
 
     def guide():
         pyro.clear_param_store()
-        guide = AutoNormal(model)
-        guide()
         g = torch.Generator().manual_seed(9)
-        with torch.no_grad():
-            guide.locs.w.copy_(torch.randn(50, generator=g, dtype=torch.float64))
-            scales = 0.05 + torch.rand(50, generator=g, dtype=torch.float64)
-            pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+        loc = torch.randn(50, generator=g, dtype=torch.float64)
+        scales = 0.05 + torch.rand(50, generator=g, dtype=torch.float64)
+        if kind == "AutoNormal":
+            guide = AutoNormal(model)
+            guide()
+            with torch.no_grad():
+                guide.locs.w.copy_(loc)
+                pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+        else:
+            guide = MeanFieldGuide(model)
+            guide()
+            with torch.no_grad():
+                guide.loc_unconstrained.copy_(loc)
+                guide.scale_unconstrained.copy_(scales.log())
         return guide
 
     scores = BayesianModelReduction(guide(), reduced_scale=reduced_scale).reduce().delta_f["w"]
@@ -491,5 +507,7 @@ def test_a_float64_site_is_decided_against_the_threshold_in_float64(reduced_scal
     tau = float(scores[down][0])
     bmr = BayesianModelReduction(guide(), ThresholdRule(tau), reduced_scale=reduced_scale)
     report = bmr.reduce()
-    assert torch.equal(report.delta_f["w"], scores)
     assert torch.equal(bmr.masks["w"], scores <= tau)
+    assert torch.allclose(report.delta_f["w"], scores, rtol=1e-15, atol=0)
+    if kind != "AutoNormal":
+        assert _kernels._spike_prune in _kernels._compiled  # the fused pass ran
