@@ -352,7 +352,10 @@ def _run(args: argparse.Namespace) -> int:
     if parallel:
         device = distributed.init_from_environment(device)
     try:
-        return _compare(args, device)
+        code = _compare(args, device)
+        if parallel:  # every rank done before any tears the process group down
+            torch.distributed.barrier()
+        return code
     finally:
         if parallel:
             torch.distributed.destroy_process_group()
