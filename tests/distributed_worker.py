@@ -139,9 +139,6 @@ def main(path: str) -> None:
     if config.get("diverge"):
         found["diverged"] = _diverge_and_reduce(trainer, rank)
     torch.save(found, f"{config['out']}.rank{rank}.pt")
-    # every rank done with every collective before any tears its process group down:
-    # gloo's threads, destroyed mid-operation, abort the process at exit
-    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

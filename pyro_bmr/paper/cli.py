@@ -352,10 +352,7 @@ def _run(args: argparse.Namespace) -> int:
     if parallel:
         device = distributed.init_from_environment(device)
     try:
-        code = _compare(args, device)
-        if parallel:  # every rank done before any tears the process group down
-            torch.distributed.barrier()
-        return code
+        return _compare(args, device)
     finally:
         if parallel:
             torch.distributed.destroy_process_group()
