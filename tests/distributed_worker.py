@@ -6,6 +6,7 @@ config names and saves what each found to ``<out>.rank<R>.pt``. :func:`train` is
 also what the test runs in its own process, for the single-process references.
 """
 
+import faulthandler
 import json
 import os
 import signal
@@ -120,6 +121,7 @@ def _diverge_and_reduce(trainer: StochasticBMR, rank: int) -> dict:
 
 
 def main(path: str) -> None:
+    faulthandler.enable()  # an abort prints every thread's Python stack to stderr
     torch.set_num_threads(1)
     with open(path) as file:
         config = json.load(file)
@@ -140,6 +142,14 @@ def main(path: str) -> None:
         found["diverged"] = _diverge_and_reduce(trainer, rank)
     torch.save(found, f"{config['out']}.rank{rank}.pt")
     torch.distributed.destroy_process_group()
+    # Skip interpreter finalization: there gloo's C++ state aborted the process
+    # ("terminate called without an active exception") in 2 of 4 full test runs on
+    # 2026-12-02, after the results were saved and the group destroyed. What the
+    # tests judge is saved; an abort before this line still fails them, with
+    # faulthandler's stacks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
