@@ -57,17 +57,20 @@ def model(X, y=None):
         pyro.sample("y", dist.Normal((X * w).sum(-1), SIGMA), obs=y)
 
 
-def exact_posterior(X, y, keep=None, prior=PRIOR):
-    """Mean and covariance of the coefficients ``keep`` when the others are 0."""
+def exact_posterior(X, y, keep=None, prior=PRIOR, mean=0.0):
+    """Mean and covariance of the coefficients ``keep`` when the others are 0, under
+    the prior N(mean, prior²) on each."""
     XK = X if keep is None else X[:, keep]
     cov = torch.linalg.inv(XK.T @ XK / SIGMA**2 + torch.eye(XK.shape[1], dtype=X.dtype) / prior**2)
-    return cov @ XK.T @ y / SIGMA**2, cov
+    return cov @ (XK.T @ y / SIGMA**2 + mean / prior**2), cov
 
 
-def log_evidence(X, y, keep):
+def log_evidence(X, y, keep, mean=0.0):
+    """ln p(y) with the coefficients ``keep`` under N(mean, PRIOR²), the others 0."""
     XK = X[:, keep]
     cov = PRIOR**2 * XK @ XK.T + SIGMA**2 * torch.eye(len(y), dtype=X.dtype)
-    return torch.distributions.MultivariateNormal(torch.zeros_like(y), cov).log_prob(y)
+    loc = XK.sum(-1) * mean
+    return torch.distributions.MultivariateNormal(loc, cov).log_prob(y)
 
 
 def _set(guide, attr, value):
@@ -189,10 +192,7 @@ def test_update_posterior_with_a_soft_reduced_prior(diabetes, reduced_loc):
     everything = log_evidence(X, y, torch.ones(10, dtype=torch.bool))
     exact = log_evidence(X, y, keep) - everything
     assert report.joint_delta_f == pytest.approx(float(exact), rel=1e-9)
-    # N(m̃, 0.1²) on the survivors
-    _, cov = exact_posterior(X, y, keep, prior=0.1)
-    XK = X[:, keep]
-    loc = cov @ (XK.T @ y / SIGMA**2 + reduced_loc / 0.1**2)
+    loc, cov = exact_posterior(X, y, keep, prior=0.1, mean=reduced_loc)  # N(m̃, 0.1²)
     q = guide.get_posterior()
     # float64 throughout: m̃ = 0.1 rounded to float32 would move the mean by ~1e-9
     torch.testing.assert_close(q.loc.detach()[keep], loc, rtol=1e-11, atol=1e-12)
@@ -215,22 +215,14 @@ def shifted_model(X, y=None):
 @pytest.mark.parametrize("kind", GUIDES, ids=lambda k: k.__name__)
 def test_a_prior_mean_off_zero_is_scored_in_float64(diabetes, kind):
     X, y = diabetes
-    m = torch.full((10,), PRIOR_MEAN, dtype=X.dtype)
-    cov = torch.linalg.inv(X.T @ X / SIGMA**2 + torch.eye(10, dtype=X.dtype) / PRIOR**2)
-    loc = cov @ (X.T @ y / SIGMA**2 + m / PRIOR**2)
-
-    def log_evidence_shifted(keep):
-        XK = X[:, keep]
-        mean = XK @ m[keep]
-        cov_y = PRIOR**2 * XK @ XK.T + SIGMA**2 * torch.eye(len(y), dtype=X.dtype)
-        return torch.distributions.MultivariateNormal(mean, cov_y).log_prob(y)
-
+    loc, cov = exact_posterior(X, y, mean=PRIOR_MEAN)
     guide = exact_guide(kind, X, y, loc, cov, of=shifted_model)
     bmr = BayesianModelReduction(guide)
     report = bmr.reduce(X, y)
     keep = kept(bmr)
     assert 0 < int((~keep).sum()) < 10
-    exact = log_evidence_shifted(keep) - log_evidence_shifted(torch.ones(10, dtype=torch.bool))
+    everything = torch.ones(10, dtype=torch.bool)
+    exact = log_evidence(X, y, keep, PRIOR_MEAN) - log_evidence(X, y, everything, PRIOR_MEAN)
     # float64 agrees to ~1e-13; a prior mean rounded to float32 is off by ~1e-10
     assert report.joint_delta_f == pytest.approx(float(exact), rel=1e-11)
 
