@@ -4,6 +4,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 from pyro.optim import Adam
 
@@ -34,6 +35,20 @@ def counted(model):
         return model(*args, **kwargs)
 
     return run, calls
+
+
+def autonormal_at(model, locs, scales, *args):
+    """An ``AutoNormal`` of ``model`` (called with ``args``) whose sites ``locs`` keys
+    have those posterior locations and scales (name → tensor)."""
+    guide = AutoNormal(model)
+    guide(*args)
+    with torch.no_grad():
+        for name in locs:
+            pyro.param(f"AutoNormal.locs.{name}").unconstrained().copy_(locs[name])
+            # AutoNormal's scales are softplus-positive
+            unconstrained = torch.log(torch.expm1(scales[name]))
+            pyro.param(f"AutoNormal.scales.{name}").unconstrained().copy_(unconstrained)
+    return guide
 
 
 def subsampled_model(X, y=None, batch=64):

@@ -13,6 +13,8 @@ from torch.distributions import transform_to
 from pyro_bmr import BayesianModelReduction, MaskError, SpikeAndSlabRule, ThresholdRule
 from pyro_bmr.groups import Member, UnitCount, UnitGroup
 
+from .models import autonormal_at
+
 F64 = torch.float64
 
 
@@ -38,15 +40,7 @@ PRIOR_SCALE = {"w1": 1.0, "b1": 2.0, "w2": 1.0}
 
 
 def _fitted_guide(locs, scales):
-    guide = AutoNormal(model)
-    guide(X, Y)
-    with torch.no_grad():
-        for name in locs:
-            pyro.param(f"AutoNormal.locs.{name}").unconstrained().copy_(locs[name])
-            # AutoNormal's scales are softplus-positive
-            unconstrained = torch.log(torch.expm1(scales[name]))
-            pyro.param(f"AutoNormal.scales.{name}").unconstrained().copy_(unconstrained)
-    return guide
+    return autonormal_at(model, locs, scales, X, Y)
 
 
 def _posterior(seed=0):

@@ -26,7 +26,7 @@ from pyro_bmr import BayesianModelReduction, MaskError, ThresholdRule, delta_f
 from pyro_bmr.distributions import PrunedNormal
 from pyro_bmr.poutine import PruneMessenger
 
-from .models import BayesianMLP, fit, regression_model, subsampled_model
+from .models import BayesianMLP, autonormal_at, fit, regression_model, subsampled_model
 
 
 def _fitted_and_reduced(data, steps):
@@ -431,13 +431,10 @@ def test_a_prior_varying_by_column_is_scored_element_by_element(dtype, reduced_s
         pyro.sample("w", dist.Normal(prior_loc, prior_scale).expand([40, 30]).to_event(2))
 
     pyro.clear_param_store()
-    guide = AutoNormal(model)
-    guide()
     g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        guide.locs.w.copy_(torch.randn(40, 30, generator=g, dtype=dtype))
-        scales = 0.05 + torch.rand(40, 30, generator=g, dtype=dtype)
-        pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+    loc = torch.randn(40, 30, generator=g, dtype=dtype)
+    scales = 0.05 + torch.rand(40, 30, generator=g, dtype=dtype)
+    guide = autonormal_at(model, {"w": loc}, {"w": scales})
     loc, scale = (
         t.detach().clone() for t in BayesianModelReduction(guide).posterior.loc_scale("w")
     )
@@ -489,11 +486,7 @@ def test_a_float64_site_is_decided_against_the_threshold_in_float64(kind, reduce
         loc = torch.randn(50, generator=g, dtype=torch.float64)
         scales = 0.05 + torch.rand(50, generator=g, dtype=torch.float64)
         if kind == "AutoNormal":
-            guide = AutoNormal(model)
-            guide()
-            with torch.no_grad():
-                guide.locs.w.copy_(loc)
-                pyro.param("AutoNormal.scales.w").unconstrained().copy_(scales.expm1().log())
+            guide = autonormal_at(model, {"w": loc}, {"w": scales})
         else:
             guide = MeanFieldGuide(model)
             guide()
