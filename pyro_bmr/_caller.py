@@ -9,7 +9,8 @@ _INTERNAL = frozenset({__package__, "torch", "mutmut"})
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """:func:`warnings.warn` at the first calling frame outside pyro_bmr and torch."""
+    """:func:`warnings.warn` at the first calling frame outside :data:`_INTERNAL`'s
+    packages."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and _package(frame) in _INTERNAL:
         frame, level = frame.f_back, level + 1

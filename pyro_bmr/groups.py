@@ -19,13 +19,13 @@ models):
 
 Where single elements are pruned too, "kept" means kept by the same reduction's
 element decisions: the unit is compared with its best element-reduced form, not
-with the whole unit (see :func:`prune_units`). A rule then decides per group, on the vector of its units' ΔF, exactly as it does
-per site on elements (a threshold, or the spike-and-slab rule learning one keep
-probability per layer). A unit whose every element is pruned outputs
-:math:`\\phi(0)`, zero for the activations of :func:`pyro_bmr.nn.unit_groups`
-(ReLU, GELU, SiLU, tanh; attention with zero values): the readers' slices for it
-then multiply zero, the likelihood no longer depends on them, and they are pruned
-too ("dead units propagate").
+with the whole unit (see :func:`prune_units`). A rule then decides per group, on
+the vector of its units' ΔF, exactly as it does per site on elements (a threshold,
+or the spike-and-slab rule learning one keep probability per layer). A unit whose
+every element is pruned outputs :math:`\\phi(0)`, zero for the activations of
+:func:`pyro_bmr.nn.unit_groups` (ReLU, GELU, SiLU, tanh; attention with zero
+values): the readers' slices for it then multiply zero, the likelihood no longer
+depends on them, and they are pruned too ("dead units propagate").
 """
 
 from collections.abc import Callable, Mapping, Sequence

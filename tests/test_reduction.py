@@ -422,8 +422,8 @@ def test_handler_works_as_a_context_manager(sparse_regression):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("reduced_scale", [0.0, 0.1])
 def test_a_prior_varying_by_column_is_scored_element_by_element(dtype, reduced_scale):
-    """The plain (not fused) path, in the site's dtype, against the closed form in
-    float64 (mpmath-checked in test_free_energy: here its float64 evaluation)."""
+    """The plain (not fused) path, in the site's dtype, against the closed form
+    written out here in float64 (test_free_energy checks delta_f against mpmath)."""
     prior_loc = torch.linspace(-0.5, 0.5, 30, dtype=dtype)
     prior_scale = torch.linspace(0.2, 2.0, 30, dtype=dtype)
 
